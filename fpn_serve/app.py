@@ -1,0 +1,298 @@
+"""The HTTP service: ``POST /classify``, ``GET /models``, ``GET /healthz``.
+
+Models are loaded in the lifespan (never at import) into a registry that routes receive through
+a dependency, so tests can build an app around any model folder. Every bad request is answered
+with a 4xx JSON body ``{"detail": "<what was wrong and what is allowed>"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from . import __version__
+from .engine import ClassifyResult, Engine
+from .errors import FPNServeError, InputError
+from .preprocess import DEFAULT_MAX_PIXELS, images_to_batch
+from .store import discover
+
+log = logging.getLogger("fpn_serve")
+
+IMAGE_TYPES = ("image/png", "image/jpeg")
+ALLOWED_TYPES = ("multipart/form-data (field 'file')", *IMAGE_TYPES, "application/json")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one server process."""
+
+    model_paths: tuple[Path, ...]
+    device: str = "auto"
+    max_iter_cap: int = 1000
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inputs: int = 256
+
+
+@dataclass
+class ModelRegistry:
+    """The loaded engines by name; the first one is the default."""
+
+    engines: dict[str, Engine] = field(default_factory=dict)
+
+    def get(self, name: str | None) -> Engine:
+        if name is None:
+            return next(iter(self.engines.values()))
+        engine = self.engines.get(name)
+        if engine is None:
+            raise HTTPException(404, f"unknown model {name!r}; available: {', '.join(self.engines)}")
+        return engine
+
+
+def get_registry(request: Request) -> ModelRegistry:
+    """The dependency through which routes receive the loaded models."""
+    reg: ModelRegistry = request.app.state.registry
+    return reg
+
+
+Registry = Annotated[ModelRegistry, Depends(get_registry)]
+
+
+def load_registry(config: ServerConfig) -> ModelRegistry:
+    registry = ModelRegistry()
+    for folder in discover(list(config.model_paths)):
+        engine = Engine.load(folder, device=config.device, max_iter_cap=config.max_iter_cap)
+        if engine.name in registry.engines:
+            raise FPNServeError(f"two model folders are named {engine.name!r}; names must be unique")
+        registry.engines[engine.name] = engine
+        log.info("serving model %s from %s", engine.name, folder)
+    return registry
+
+
+# ---------------------------------------------------------------------------------------------
+# Response models (they also document the API in OpenAPI)
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probabilities: list[float]
+    iterations: int
+    residual: float
+    converged: bool
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    latency_ms: float
+    tol: float
+    max_iter: int
+    predictions: list[Prediction]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    input_shape: list[int]
+    labels: list[str]
+    gamma: float
+    default_tol: float
+    default_max_iter: int
+    calibration: list[dict[str, Any]]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """Read the body, stopping with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"the body is {declared} bytes; at most {limit} are allowed")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the body is over {limit} bytes, the most allowed")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, f"malformed multipart body: {exc.message}") from exc
+    files = [v for k, v in form.multi_items() if k == "file" and isinstance(v, UploadFile)]
+    if not files:
+        raise HTTPException(400, "the multipart body has no 'file' field; send the image as file=@digit.png")
+    return [await f.read() for f in files]
+
+
+def _json_inputs(body: bytes, engine: Engine, max_inputs: int) -> np.ndarray:
+    shape = list(engine.manifest.input.shape)
+    want = f'{{"inputs": [...]}} with each input a nested list of shape {shape}'
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(400, f"the body is not valid JSON ({exc}); expected {want}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise HTTPException(422, f"expected {want}")
+    if len(doc["inputs"]) > max_inputs:
+        raise HTTPException(413, f"{len(doc['inputs'])} inputs in one request; at most {max_inputs} are allowed")
+    try:
+        x = np.asarray(doc["inputs"], dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(422, f"inputs must be numbers in a regular nested list: {exc}; expected {want}") from exc
+    if list(x.shape[1:]) != shape:
+        raise HTTPException(422, f"inputs have shape {list(x.shape)}; expected [n, {', '.join(map(str, shape))}]")
+    return x
+
+
+def _response(engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int) -> ClassifyResponse:
+    names = result.names
+    return ClassifyResponse(
+        model=engine.name,
+        latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        tol=tol,
+        max_iter=max_iter,
+        predictions=[
+            Prediction(
+                label=names[int(label)],
+                index=int(label),
+                probabilities=[float(p) for p in probs],
+                iterations=int(iters),
+                residual=float(res),
+                converged=bool(conv),
+            )
+            for label, probs, iters, res, conv in zip(
+                result.labels, result.probabilities, result.iterations, result.residuals, result.converged, strict=True
+            )
+        ],
+    )
+
+
+def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> FastAPI:
+    """Build the app. Models load in the lifespan unless a ready ``registry`` is given (tests)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.registry = registry if registry is not None else await run_in_threadpool(load_registry, config)
+        yield
+
+    app = FastAPI(
+        title="fpn-serve",
+        version=__version__,
+        description="Fixed Point Network classifiers with a per-request tolerance: a looser `tol` "
+        "stops the fixed-point iteration earlier and answers faster.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
+            parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
+
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)},
+        summary="Classify one or more images or normalised inputs",
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+                    },
+                    "image/png": {"schema": {"type": "string", "format": "binary"}},
+                    "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"inputs": {"type": "array", "items": {}}}}
+                    },
+                },
+                "required": True,
+            }
+        },
+    )
+    async def classify(
+        request: Request,
+        registry: Registry,
+        tol: Annotated[float | None, Query(gt=0, le=1, description="per-sample residual tolerance; default: the model's")] = None,
+        max_iter: Annotated[int | None, Query(ge=1, description="iteration cap; default: the model's")] = None,
+        model: Annotated[str | None, Query(max_length=64, description="model name; default: the first served")] = None,
+    ) -> ClassifyResponse:
+        started = time.perf_counter()
+        engine = registry.get(model)
+        if max_iter is not None and max_iter > config.max_iter_cap:
+            raise HTTPException(422, f"max_iter: must be from 1 to {config.max_iter_cap} (got {max_iter})")
+        tol_used, max_iter_used = engine.resolve(tol, max_iter)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
+            raise HTTPException(
+                415, f"content type {content_type or '(none)'!r} is not accepted; send one of: {', '.join(ALLOWED_TYPES)}"
+            )
+        body = await _read_body(request, config.max_body_bytes)
+        if not body:
+            raise HTTPException(400, "the body is empty; send an image (multipart field 'file' or raw PNG/JPEG) or JSON inputs")
+        if content_type == "application/json":
+            x = _json_inputs(body, engine, config.max_inputs)
+        else:
+            blobs = (
+                await _multipart_files(request, body, config.max_inputs)
+                if content_type == "multipart/form-data"
+                else [body]
+            )
+            x = await run_in_threadpool(images_to_batch, blobs, engine.manifest.input, max_pixels=config.max_pixels)
+        result = await run_in_threadpool(engine.classify, x, tol_used, max_iter_used)
+        return _response(engine, result, started, tol_used, max_iter_used)
+
+    @app.get("/models", response_model=list[ModelInfo], summary="The models this server serves")
+    async def models(registry: Registry) -> list[ModelInfo]:
+        return [
+            ModelInfo(
+                name=e.name,
+                version=e.manifest.version,
+                input_shape=list(e.manifest.input.shape),
+                labels=list(e.manifest.labels),
+                gamma=e.manifest.contraction.gamma,
+                default_tol=e.manifest.solver.tol,
+                default_max_iter=e.manifest.solver.max_iter,
+                calibration=list(e.manifest.calibration),
+            )
+            for e in registry.engines.values()
+        ]
+
+    @app.get("/healthz", summary="Liveness: the process answers and its models are loaded")
+    async def healthz(registry: Registry) -> dict[str, Any]:
+        return {"status": "ok", "models": list(registry.engines)}
+
+    return app

