@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +138,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _multipart_files(request: Request, body: bytes, max_files: int) -> list[bytes]:
-    async def stream() -> AsyncIterator[bytes]:
+    async def stream() -> AsyncGenerator[bytes, None]:
         yield body
 
     try:
@@ -246,7 +246,9 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
     async def classify(
         request: Request,
         registry: Registry,
-        tol: Annotated[float | None, Query(gt=0, le=1, description="per-sample residual tolerance; default: the model's")] = None,
+        tol: Annotated[
+            float | None, Query(gt=0, le=1, description="per-sample residual tolerance; default: the model's")
+        ] = None,
         max_iter: Annotated[int | None, Query(ge=1, description="iteration cap; default: the model's")] = None,
         model: Annotated[str | None, Query(max_length=64, description="model name; default: the first served")] = None,
     ) -> ClassifyResponse:
@@ -258,11 +260,14 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if content_type not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
             raise HTTPException(
-                415, f"content type {content_type or '(none)'!r} is not accepted; send one of: {', '.join(ALLOWED_TYPES)}"
+                415,
+                f"content type {content_type or '(none)'!r} is not accepted; send one of: {', '.join(ALLOWED_TYPES)}",
             )
         body = await _read_body(request, config.max_body_bytes)
         if not body:
-            raise HTTPException(400, "the body is empty; send an image (multipart field 'file' or raw PNG/JPEG) or JSON inputs")
+            raise HTTPException(
+                400, "the body is empty; send an image (multipart field 'file' or raw PNG/JPEG) or JSON inputs"
+            )
         if content_type == "application/json":
             x = _json_inputs(body, engine, config.max_inputs)
         else:

@@ -39,7 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height) decoded")
     p.add_argument("--max-inputs", type=int, default=256, help="most inputs (images or JSON inputs) per request")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log verbosity")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log verbosity"
+    )
     return p
 
 

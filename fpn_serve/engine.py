@@ -84,7 +84,7 @@ def choose_providers(device: str, probe_graph: Path) -> tuple[list[str], str]:
             if sess.get_providers()[0] == "CUDAExecutionProvider":
                 return providers, "CUDA initialised"
             reason = "the CUDA provider did not initialise"
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        except Exception as exc:
             reason = f"the CUDA provider failed: {exc}"
     if device == "cuda":
         raise ModelError(f"--device cuda was requested but {reason}")
@@ -137,7 +137,7 @@ class Engine:
                     _session_options(threads if role == "Q" else 1),
                     providers=providers,
                 )
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise ModelError(f"{model_dir}: {ref.file} does not load in ONNX Runtime: {exc}") from exc
         _check_signatures(manifest, sessions, model_dir)
         return cls(manifest, sessions, model_dir, chosen, max_iter_cap)
@@ -157,10 +157,10 @@ class Engine:
             raise InputError(f"inputs must be floating point (float32), got dtype {x.dtype}")
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] < 1:
             raise InputError(f"inputs have shape {list(x.shape)}; expected {want} with batch >= 1")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if not np.isfinite(x).all():
+        arr: np.ndarray = np.ascontiguousarray(x, dtype=np.float32)
+        if not np.isfinite(arr).all():
             raise InputError("inputs contain NaN or infinite values; only finite numbers are allowed")
-        return x
+        return arr
 
     def resolve(self, tol: float | None, max_iter: int | None) -> tuple[float, int]:
         """Fill in the manifest defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
@@ -168,7 +168,11 @@ class Engine:
         max_iter = self.manifest.solver.max_iter if max_iter is None else max_iter
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 <= tol <= 1:
             raise InputError(f"tol must be a number with 0 <= tol <= 1, got {tol!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or not 1 <= max_iter <= self.max_iter_cap:
+        if (
+            isinstance(max_iter, bool)
+            or not isinstance(max_iter, (int, np.integer))
+            or not 1 <= max_iter <= self.max_iter_cap
+        ):
             raise InputError(f"max_iter must be an integer from 1 to {self.max_iter_cap}, got {max_iter!r}")
         return float(tol), int(max_iter)
 

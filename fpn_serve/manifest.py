@@ -78,9 +78,7 @@ class Manifest:
         try:
             name = _str(data, "name")
             if not _NAME_RE.match(name):
-                raise ModelError(
-                    f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-'"
-                )
+                raise ModelError(f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
             graphs_raw = _obj(data, "graphs")
             graphs = {}
             for role in ROLES:
@@ -105,9 +103,7 @@ class Manifest:
                 raise ModelError(f"input.dtype {spec.dtype!r} is not supported; expected 'float32'")
             channels = spec.shape[0] if spec.layout == "NCHW" else spec.shape[-1]
             if len(spec.mean) != channels or len(spec.std) != channels or min(spec.std) <= 0:
-                raise ModelError(
-                    f"input.mean and input.std need one value per channel ({channels}), std > 0"
-                )
+                raise ModelError(f"input.mean and input.std need one value per channel ({channels}), std > 0")
             labels = data.get("labels")
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
                 raise ModelError("labels must be a non-empty list of strings")

@@ -39,9 +39,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"the image is too large to decode safely: {exc}", status=413) from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(
-            f"the body is not a readable image; allowed formats: {', '.join(ALLOWED_FORMATS)}"
-        ) from exc
+        raise ImageError(f"the body is not a readable image; allowed formats: {', '.join(ALLOWED_FORMATS)}") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError(f"the image is corrupt or truncated: {exc}") from exc
     return img
@@ -71,12 +69,11 @@ def image_to_input(img: Image.Image, spec: InputSpec, *, dark_background: bool =
     if img.size != (width, height):
         img = img.resize((width, height), Image.Resampling.BILINEAR)
     pixels = np.asarray(img, dtype=np.float32)
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    else:
-        pixels = pixels.transpose(2, 0, 1)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # -> [C, H, W]
     if dark_background:
-        border = np.concatenate([pixels[:, 0].ravel(), pixels[:, -1].ravel(), pixels[:, :, 0].ravel(), pixels[:, :, -1].ravel()])
+        border = np.concatenate(
+            [pixels[:, 0].ravel(), pixels[:, -1].ravel(), pixels[:, :, 0].ravel(), pixels[:, :, -1].ravel()]
+        )
         if border.mean() > 127:
             pixels = 255.0 - pixels
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)

@@ -20,4 +20,5 @@ def residual(u_next: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Per-sample relative residual of two float32 iterates [batch, *latent] -> [batch]."""
     b = u_next.shape[0]
     diff = np.linalg.norm((u_next - u).reshape(b, -1), axis=1)
-    return diff / (np.linalg.norm(u_next.reshape(b, -1), axis=1) + RESIDUAL_EPS)
+    out: np.ndarray = diff / (np.linalg.norm(u_next.reshape(b, -1), axis=1) + RESIDUAL_EPS)
+    return out

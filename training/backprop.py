@@ -35,6 +35,4 @@ def get_backprop(name: str) -> Callable[..., tuple[torch.Tensor, SolverInfo]]:
     try:
         return BACKPROP[name]
     except KeyError:
-        raise ValueError(
-            f"unknown backprop mode {name!r}; available: {', '.join(sorted(BACKPROP))}"
-        ) from None
+        raise ValueError(f"unknown backprop mode {name!r}; available: {', '.join(sorted(BACKPROP))}") from None

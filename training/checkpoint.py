@@ -41,8 +41,10 @@ def load_checkpoint(path: Path | str) -> tuple[FPN, TrainConfig, dict[str, Any]]
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a corrupt file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}): is it truncated or not a checkpoint?") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}): is it truncated or not a checkpoint?"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an fpn-train checkpoint (expected format {FORMAT})")
     try:

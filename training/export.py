@@ -107,7 +107,14 @@ def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: 
 
 
 def build_manifest(
-    name: str, model: FPN, cfg: TrainConfig, payload: dict[str, Any], folder: Path, tol: float, max_iter: int, opset: int
+    name: str,
+    model: FPN,
+    cfg: TrainConfig,
+    payload: dict[str, Any],
+    folder: Path,
+    tol: float,
+    max_iter: int,
+    opset: int,
 ) -> dict[str, Any]:
     spec = dataset_spec(cfg.dataset)
     metrics = payload.get("metrics", {})
@@ -116,8 +123,7 @@ def build_manifest(
         "name": name,
         "version": "1",
         "graphs": {
-            role: {"file": f"{role}.onnx", "sha256": sha256_file(folder / f"{role}.onnx")}
-            for role in ("Q", "T", "S")
+            role: {"file": f"{role}.onnx", "sha256": sha256_file(folder / f"{role}.onnx")} for role in ("Q", "T", "S")
         },
         "input": {
             "shape": list(spec.input_shape),
@@ -246,7 +252,10 @@ def export(args: argparse.Namespace) -> Path:
         for row in manifest["calibration"]:
             log.info(
                 "tol %-7g mean iterations %6.2f  p99 %3d  accuracy %.2f %%",
-                row["tol"], row["mean_iterations"], row["p99_iterations"], 100 * row["accuracy"],
+                row["tol"],
+                row["mean_iterations"],
+                row["p99_iterations"],
+                100 * row["accuracy"],
             )
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         staging.chmod(0o755)
@@ -275,10 +284,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default="data", help="dataset folder for the parity check and calibration")
     p.add_argument("--precision", default="fp32", choices=["fp32"], help="numeric precision of the graphs")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the graphs")
-    p.add_argument("--tol", type=float, default=None, help="default tolerance in the manifest (default: the training tol)")
-    p.add_argument("--max-iter", type=int, default=None, help="default iteration cap in the manifest (default: max(100, training max_iter))")
+    p.add_argument(
+        "--tol", type=float, default=None, help="default tolerance in the manifest (default: the training tol)"
+    )
+    p.add_argument(
+        "--max-iter",
+        type=int,
+        default=None,
+        help="default iteration cap in the manifest (default: max(100, training max_iter))",
+    )
     p.add_argument("--parity-images", type=int, default=512, help="test images compared against torch (at least 256)")
-    p.add_argument("--calibration-limit", type=int, default=None, help="calibrate on the first N test images (default: all)")
+    p.add_argument(
+        "--calibration-limit", type=int, default=None, help="calibrate on the first N test images (default: all)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     return p
 

@@ -225,13 +225,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate (cosine-annealed)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
-    p.add_argument("--tol", type=float, default=1e-4, help="forward solver tolerance on the per-sample relative residual")
+    p.add_argument(
+        "--tol", type=float, default=1e-4, help="forward solver tolerance on the per-sample relative residual"
+    )
     p.add_argument("--max-iter", type=int, default=50, help="forward solver iteration cap")
     p.add_argument("--solver", default="fixed_point", choices=sorted(SOLVERS), help="forward solver")
     p.add_argument("--gamma", type=float, default=0.99, help="contraction factor of T in u, in (0, 1)")
     p.add_argument("--latent-dim", type=int, default=46, help="size of the latent u")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on Q's output (training only)")
-    p.add_argument("--augment-shift", type=int, default=0, help="random translation of training images by up to this many pixels")
+    p.add_argument(
+        "--augment-shift", type=int, default=0, help="random translation of training images by up to this many pixels"
+    )
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and metrics.jsonl")
     p.add_argument("--data-root", default="data", help="dataset folder (torchvision layout)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
@@ -278,7 +282,6 @@ def cli(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     sys.exit(cli())
-
 
 
 if __name__ == "__main__":

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fpn_serve import Engine, InputError
+
+
+@pytest.fixture(scope="module")
+def engine(shipped_model: Path) -> Engine:
+    return Engine.load(shipped_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The first 2,000 real MNIST test images, normalised by the manifest, and their labels."""
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=2000)
+    return test.normalise(test.images).numpy(), test.labels.numpy()
+
+
+def test_shipped_model_is_accurate_on_real_digits(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    result = engine.classify(x)
+    assert (result.labels == y).mean() >= 0.99
+    assert result.converged.mean() >= 0.99
+    np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert result.names[int(result.labels[0])] == str(y[0])
+
+
+def test_each_sample_gets_exactly_its_solo_iterations(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x = digits[0][:64]
+    batch = engine.classify(x, tol=1e-6, max_iter=200)
+    assert len(set(batch.iterations.tolist())) > 1  # the batch really mixes easy and hard inputs
+    for i in range(0, 64, 7):
+        solo = engine.classify(x[i : i + 1], tol=1e-6, max_iter=200)
+        assert int(solo.iterations[0]) == int(batch.iterations[i])
+        np.testing.assert_array_equal(solo.logits[0], batch.logits[i])
+
+
+def test_looser_tolerance_never_costs_more_iterations(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x = digits[0][:500]
+    loose, tight = engine.classify(x, tol=1e-1), engine.classify(x, tol=1e-6)
+    assert bool((loose.iterations <= tight.iterations).all())
+    assert loose.iterations.mean() < tight.iterations.mean()
+    assert bool((tight.residuals[tight.converged] <= 1e-6).all())
+
+
+def test_iteration_cap_is_honoured(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    result = engine.classify(digits[0][:32], tol=1e-9, max_iter=3)
+    assert result.iterations.tolist() == [3] * 32
+    assert not result.converged.any()
+    fixed = engine.classify_fixed(digits[0][:4], 5)
+    assert fixed.iterations.tolist() == [5] * 4
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.zeros((2, 28, 28), np.float32), r"shape \[2, 28, 28\]; expected \[batch, 1, 28, 28\]"),
+        (np.zeros((0, 1, 28, 28), np.float32), "batch >= 1"),
+        (np.zeros((1, 1, 28, 28), np.int64), "floating point"),
+        (np.full((1, 1, 28, 28), np.nan, np.float32), "NaN or infinite"),
+        ([[0.0]], "must be a numpy array"),
+    ],
+)
+def test_bad_inputs_are_refused_with_what_is_allowed(engine: Engine, x: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        engine.classify(x)
+
+
+@pytest.mark.parametrize(
+    ("tol", "max_iter"), [(-1e-3, None), (2.0, None), (float("nan"), None), (None, 0), (None, 10**6)]
+)
+def test_bad_parameters_are_refused(engine: Engine, tol: float | None, max_iter: int | None) -> None:
+    with pytest.raises(InputError, match="tol must be|max_iter must be"):
+        engine.classify(np.zeros((1, 1, 28, 28), np.float32), tol=tol, max_iter=max_iter)

@@ -1,0 +1,197 @@
+"""A real uvicorn server on a free loopback port, serving the shipped MNIST model."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = log_path.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fpn_serve.cli", str(shipped_model), "--port", str(port), "--log-level", "warning"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.close()
+            pytest.fail(f"server did not start: {log_path.read_text()}")
+        time.sleep(0.2)
+    yield client
+    client.close()
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+    assert "Traceback" not in log_path.read_text()  # no request made the server crash inside
+
+
+@pytest.fixture(scope="module")
+def digit_pngs(mnist_root: Path) -> list[tuple[bytes, int]]:
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=20)
+    out = []
+    for img, label in zip(test.images[:, 0].numpy(), test.labels.tolist(), strict=True):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")
+        out.append((buf.getvalue(), label))
+    return out
+
+
+def _noise_png(size: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png(width: int, height: int, mode: str = "L", color: int = 0) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (width, height), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_readme_example_answers_seven(server: httpx.Client, repo: Path) -> None:
+    png = (repo / "examples" / "seven.png").read_bytes()
+    r = server.post("/classify", params={"tol": 1e-3}, files={"file": ("seven.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "mnist" and body["latency_ms"] > 0
+    (pred,) = body["predictions"]
+    assert pred["label"] == "7" and pred["converged"] and 1 <= pred["iterations"] <= 100
+    assert pred["residual"] <= 1e-3 and abs(sum(pred["probabilities"]) - 1) < 1e-4
+
+
+def test_real_test_digits_are_classified_correctly(server: httpx.Client, digit_pngs: list[tuple[bytes, int]]) -> None:
+    for png, label in digit_pngs:
+        r = server.post("/classify", content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == str(label)
+
+
+def test_json_batch_keeps_order_and_loose_tol_costs_no_more(server: httpx.Client, mnist_root: Path) -> None:
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=32)
+    inputs = test.normalise(test.images).numpy().tolist()
+    loose = server.post("/classify", params={"tol": 1e-1}, json={"inputs": inputs}).json()["predictions"]
+    tight = server.post("/classify", params={"tol": 1e-6}, json={"inputs": inputs}).json()["predictions"]
+    assert [p["label"] for p in tight] == [str(v) for v in test.labels.tolist()]
+    assert all(a["iterations"] <= b["iterations"] for a, b in zip(loose, tight, strict=True))
+    assert sum(p["iterations"] for p in loose) < sum(p["iterations"] for p in tight)
+
+
+def test_models_and_health(server: httpx.Client) -> None:
+    (info,) = server.get("/models").json()
+    assert info["name"] == "mnist" and info["input_shape"] == [1, 28, 28] and len(info["calibration"]) >= 6
+    assert server.get("/healthz").json()["status"] == "ok"
+
+
+GOOD_JSON = {"inputs": np.zeros((1, 1, 28, 28)).tolist()}
+BAD_REQUESTS = [
+    (
+        "not an image",
+        {"content": b"hello, world", "headers": {"content-type": "image/png"}},
+        400,
+        "not a readable image",
+    ),
+    (
+        "truncated png",
+        {"content": _noise_png()[:2000], "headers": {"content-type": "image/png"}},
+        400,
+        "corrupt or truncated",
+    ),
+    ("empty body", {"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty"),
+    ("pixel bomb", {"content": _png(6000, 6000, "1"), "headers": {"content-type": "image/png"}}, 413, "pixels"),
+    ("wrong content type", {"content": b"abc", "headers": {"content-type": "text/plain"}}, 415, "image/png"),
+    ("multipart without file", {"files": {"image": ("a.png", _png(28, 28), "image/png")}}, 400, "no 'file' field"),
+    (
+        "body too large",
+        {"content": b"\0" * (4 * 1024 * 1024 + 1), "headers": {"content-type": "image/png"}},
+        413,
+        "at most",
+    ),
+    ("invalid json", {"content": b"{inputs:", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("json wrong key", {"json": {"images": [1]}}, 422, '{"inputs": [...]}'),
+    ("json wrong shape", {"json": {"inputs": [[1.0, 2.0]]}}, 422, "expected [n, 1, 28, 28]"),
+    ("json ragged", {"json": {"inputs": [[1.0], [1.0, 2.0]]}}, 422, "regular nested list"),
+    ("json strings", {"json": {"inputs": [[["a"] * 28] * 28]}}, 422, "numbers"),
+    (
+        "json NaN",
+        {
+            "content": json.dumps({"inputs": [[[[float("nan")] * 28] * 28]]}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "NaN or infinite",
+    ),
+    (
+        "json Infinity",
+        {
+            "content": json.dumps({"inputs": [[[[float("inf")] * 28] * 28]]}).encode(),
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "NaN or infinite",
+    ),
+    ("tol zero", {"params": {"tol": 0}, "json": GOOD_JSON}, 422, "tol: Input should be greater than 0"),
+    ("tol negative", {"params": {"tol": -1}, "json": GOOD_JSON}, 422, "greater than 0"),
+    ("tol above one", {"params": {"tol": 1.5}, "json": GOOD_JSON}, 422, "less than or equal to 1"),
+    ("tol not a number", {"params": {"tol": "abc"}, "json": GOOD_JSON}, 422, "valid number"),
+    ("tol nan", {"params": {"tol": "nan"}, "json": GOOD_JSON}, 422, "tol"),
+    ("max_iter zero", {"params": {"max_iter": 0}, "json": GOOD_JSON}, 422, "greater than or equal to 1"),
+    ("max_iter over cap", {"params": {"max_iter": 1001}, "json": GOOD_JSON}, 422, "from 1 to 1000"),
+    ("max_iter text", {"params": {"max_iter": "many"}, "json": GOOD_JSON}, 422, "valid integer"),
+    ("unknown model", {"params": {"model": "cifar"}, "json": GOOD_JSON}, 404, "available: mnist"),
+    ("too many inputs", {"json": {"inputs": [[[[0.0] * 28] * 28]] * 257}}, 413, "at most 256"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "request_kwargs", "status", "message"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_bad_input_gets_a_clear_4xx(
+    server: httpx.Client, case: str, request_kwargs: dict[str, object], status: int, message: str
+) -> None:
+    r = server.post("/classify", **request_kwargs)  # type: ignore[arg-type]
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and message in detail
+
+
+def test_server_still_serves_correctly_after_bad_input(server: httpx.Client, repo: Path) -> None:
+    for _, kwargs, _, _ in BAD_REQUESTS[:6]:
+        server.post("/classify", **kwargs)  # type: ignore[arg-type]
+    png = (repo / "examples" / "seven.png").read_bytes()
+    r = server.post("/classify", files={"file": ("seven.png", png, "image/png")})
+    assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7"

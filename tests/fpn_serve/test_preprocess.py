@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fpn_serve.errors import ImageError
+from fpn_serve.manifest import InputSpec
+from fpn_serve.preprocess import decode_image, image_to_input, images_to_batch
+
+SPEC = InputSpec(shape=(1, 28, 28), dtype="float32", layout="NCHW", scale=1 / 255, mean=(0.1307,), std=(0.3081,))
+
+
+def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _digit(background: int, ink: int, size: int = 28) -> Image.Image:
+    arr = np.full((size, size), background, np.uint8)
+    arr[size // 4 : 3 * size // 4, size // 2 - 1 : size // 2 + 2] = ink  # a vertical stroke: a "1"
+    return Image.fromarray(arr)
+
+
+def test_pixels_are_normalised_by_the_manifest() -> None:
+    x = image_to_input(_digit(0, 255), SPEC)
+    assert x.shape == (1, 28, 28) and x.dtype == np.float32
+    assert x.min() == pytest.approx((0 - 0.1307) / 0.3081)
+    assert x.max() == pytest.approx((1 - 0.1307) / 0.3081)
+
+
+def test_dark_ink_on_white_paper_is_inverted_to_mnist_polarity() -> None:
+    light = image_to_input(_digit(255, 0), SPEC)
+    dark = image_to_input(_digit(0, 255), SPEC)
+    np.testing.assert_allclose(light, dark, atol=1e-6)
+
+
+def test_transparent_drawings_and_jpeg_and_resizing() -> None:
+    rgba = Image.new("RGBA", (280, 280), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (130, 70, 150, 210))  # black stroke on a transparent canvas
+    batch = images_to_batch([_encode(rgba), _encode(_digit(0, 255, 56).convert("RGB"), "JPEG")], SPEC)
+    assert batch.shape == (2, 1, 28, 28)
+    for x in batch:  # both read as a bright stroke on a dark background
+        assert x[0, 14, 14] > 1.5 and x[0, 1, 1] < 0
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"", 400, "empty"),
+        (b"GIF89a not allowed", 400, "allowed formats: PNG, JPEG"),
+        (_encode(Image.new("1", (5000, 5000))), 413, "at most"),
+    ],
+)
+def test_undecodable_or_oversized_images_are_refused(data: bytes, status: int, message: str) -> None:
+    with pytest.raises(ImageError, match=message) as info:
+        decode_image(data)
+    assert info.value.status == status
+
+
+def test_a_gif_is_not_an_allowed_format() -> None:
+    with pytest.raises(ImageError, match="PNG, JPEG"):
+        decode_image(_encode(_digit(0, 255), "GIF"))

@@ -1,0 +1,175 @@
+"""fpn-train and fpn-export as a user runs them: real MNIST, real files, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fpn_serve import Engine, load_manifest
+from training import export as export_mod
+from training.checkpoint import load_checkpoint
+from training.train import cli as train_cli
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    rc = train_cli(
+        [
+            "--epochs",
+            "2",
+            "--limit-train",
+            "4000",
+            "--limit-test",
+            "1000",
+            "--batch-size",
+            "100",
+            "--out",
+            str(out),
+            "--data-root",
+            str(mnist_root),
+            "--seed",
+            "3",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(trained: Path, tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    rc = export_mod.cli(
+        [
+            str(trained / "checkpoint.pt"),
+            "--out",
+            str(out),
+            "--data-root",
+            str(mnist_root),
+            "--calibration-limit",
+            "600",
+            "--parity-images",
+            "256",
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+def test_training_writes_metrics_and_a_weights_only_checkpoint(trained: Path) -> None:
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "test_accuracy", "mean_iterations", "max_iterations", "seconds"):
+        assert all(key in r for r in rows), key
+    assert rows[1]["train_loss"] < rows[0]["train_loss"]
+    assert rows[1]["test_accuracy"] > 0.85  # real digits: a broken pipeline stays near 0.1
+    assert 1 <= rows[1]["mean_iterations"] <= rows[1]["max_iterations"] <= 50
+    payload = torch.load(trained / "checkpoint.pt", weights_only=True)
+    assert payload["model_config"]["arch"] == "mnist_conv"
+    model, cfg, _ = load_checkpoint(trained / "checkpoint.pt")
+    assert model.num_parameters() == 84_182 and cfg.limit_train == 4000
+
+
+@pytest.mark.slow
+def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained: Path, mnist_root: Path) -> None:
+    assert sorted(p.name for p in exported.iterdir()) == ["Q.onnx", "S.onnx", "T.onnx", "manifest.json"]
+    manifest = load_manifest(exported)
+    assert manifest.name == "tiny" and manifest.input.shape == (1, 28, 28) and manifest.latent_shape == (46,)
+    assert 0 < manifest.contraction.gamma <= 0.99 + 1e-6
+    # a tighter tolerance never takes fewer iterations on average
+    means = [row["mean_iterations"] for row in manifest.calibration]
+    assert [row["tol"] for row in manifest.calibration] == sorted(
+        (r["tol"] for r in manifest.calibration), reverse=True
+    )
+    assert means == sorted(means)
+
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=300)
+    x = test.normalise(test.images)
+    model, _, _ = load_checkpoint(trained / "checkpoint.pt")
+    engine = Engine.load(exported, device="cpu")
+    with torch.no_grad():
+        torch_logits, info = model(x, 1e-4, 100)
+    result = engine.classify(x.numpy(), tol=1e-4, max_iter=100)
+    assert np.array_equal(result.labels, torch_logits.argmax(1).numpy())
+    same = result.iterations == info.iterations.numpy()
+    assert same.mean() > 0.95
+    np.testing.assert_allclose(result.logits[same], torch_logits.numpy()[same], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_export_refuses_when_onnx_and_torch_disagree(
+    trained: Path, tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(export_mod, "LOGIT_ATOL", -1.0)  # no gap can pass: the check must trip
+    out = tmp_path / "never"
+    rc = export_mod.cli(
+        [
+            str(trained / "checkpoint.pt"),
+            "--out",
+            str(out),
+            "--data-root",
+            str(mnist_root),
+            "--calibration-limit",
+            "300",
+            "--parity-images",
+            "256",
+        ]
+    )
+    assert rc == 1
+    assert "disagree" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.slow
+def test_export_will_not_overwrite_a_folder_without_force(trained: Path, exported: Path) -> None:
+    proc = run("training.export", str(trained / "checkpoint.pt"), "--out", str(exported))
+    assert proc.returncode == 1
+    assert "not empty" in proc.stderr and "--force" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "expected"),
+    [
+        ("training.train", ["--dataset", "imagenet", "--out", "x"], "invalid choice: 'imagenet'"),
+        ("training.train", ["--arch", "vgg", "--out", "x"], "unknown architecture 'vgg'; available: mnist_conv"),
+        ("training.train", ["--epochs", "0", "--out", "x"], "--epochs must be >= 1"),
+        ("training.export", ["missing.pt", "--out", "x"], "checkpoint missing.pt does not exist"),
+    ],
+)
+def test_cli_mistakes_get_one_clear_line(module: str, args: list[str], expected: str, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    proc = run("training.export", str(bad), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 1
+    assert "cannot be read" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_unwritable_output_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = run("training.train", "--out", str(blocker / "sub"), "--epochs", "1")
+    assert proc.returncode == 1
+    assert "cannot create output folder" in proc.stderr and "Traceback" not in proc.stderr

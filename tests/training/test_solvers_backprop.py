@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.backprop import get_backprop, jfb
+from training.config import ModelConfig
+from training.fpn import FPN
+from training.solvers import fixed_point, get_solver, residual
+
+
+def _model(seed: int = 0) -> FPN:
+    torch.manual_seed(seed)
+    return FPN(ModelConfig(dropout=0.0))
+
+
+def test_each_sample_stops_on_its_own_residual() -> None:
+    model = _model()
+    x = torch.randn(8, 1, 28, 28) * torch.linspace(0.1, 3, 8).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        z = model.Q(x)
+        u_batch, info = model.solve(z, 1e-5, 200)
+        for i in range(8):
+            u_one, one = model.solve(z[i : i + 1], 1e-5, 200)
+            assert int(one.iterations) == int(info.iterations[i])
+            torch.testing.assert_close(u_one[0], u_batch[i], rtol=0, atol=1e-6)
+    assert bool(info.converged.all())
+    assert bool((info.residual <= 1e-5).all())
+
+
+def test_solver_reports_non_convergence_at_max_iter() -> None:
+    u0 = torch.ones(3, 4)
+    u, info = fixed_point(lambda u: 2 * u, u0, tol=1e-6, max_iter=7)  # expanding: never converges
+    assert info.iterations.tolist() == [7, 7, 7]
+    assert not bool(info.converged.any())
+    torch.testing.assert_close(u, u0 * 2**7)
+
+
+def test_residual_is_relative_and_per_sample() -> None:
+    u = torch.zeros(2, 3)
+    u_next = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 0.0]])
+    r = residual(u_next, u)
+    assert r[0] == pytest.approx(1.0, rel=1e-5)
+    assert r[1] == 0.0
+
+
+def test_jfb_gradient_is_the_gradient_through_one_application_of_T() -> None:
+    model = _model(1)
+    x = torch.randn(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+
+    logits, _ = jfb(model, x, 1e-5, 200)
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    # Reference: S(T(u*.detach(), Q(d))) built by hand, with u* from a graph-free solve.
+    z = model.Q(x)
+    u_star, _ = model.solve(z.detach(), 1e-5, 200)
+    assert not u_star.requires_grad
+    ref_logits = model.S(model.T(u_star.detach(), z))
+    torch.nn.functional.cross_entropy(ref_logits, y).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and got[name].abs().sum() > 0, name
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_registries_name_the_valid_choices() -> None:
+    with pytest.raises(ValueError, match="available: fixed_point"):
+        get_solver("newton")
+    with pytest.raises(ValueError, match="available: jfb"):
+        get_backprop("magic")
