@@ -7,6 +7,7 @@ with a 4xx JSON body ``{"detail": "<what was wrong and what is allowed>"}``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -14,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -29,6 +30,7 @@ from . import __version__
 from .engine import ClassifyResult, Engine
 from .errors import FPNServeError, InputError
 from .preprocess import DEFAULT_MAX_PIXELS, images_to_batch
+from .scheduler import QueueFull, Scheduler
 from .store import discover
 
 log = logging.getLogger("fpn_serve")
@@ -47,13 +49,15 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inputs: int = 256
+    max_queue: int = 1024  # requests waiting for the active batch; beyond it: 503
 
 
 @dataclass
 class ModelRegistry:
-    """The loaded engines by name; the first one is the default."""
+    """The loaded engines by name, each with its scheduler; the first one is the default."""
 
     engines: dict[str, Engine] = field(default_factory=dict)
+    schedulers: dict[str, Scheduler] = field(default_factory=dict)
 
     def get(self, name: str | None) -> Engine:
         if name is None:
@@ -62,6 +66,18 @@ class ModelRegistry:
         if engine is None:
             raise HTTPException(404, f"unknown model {name!r}; available: {', '.join(self.engines)}")
         return engine
+
+    def start(self, config: ServerConfig) -> None:
+        for name, engine in self.engines.items():
+            if name not in self.schedulers:
+                sched = Scheduler(engine, max_active=config.max_inputs, max_queue=config.max_queue)
+                sched.start()
+                self.schedulers[name] = sched
+
+    def stop(self) -> None:
+        for sched in self.schedulers.values():
+            sched.stop()
+        self.schedulers.clear()
 
 
 def get_registry(request: Request) -> ModelRegistry:
@@ -95,6 +111,7 @@ class Prediction(BaseModel):
     iterations: int
     residual: float
     converged: bool
+    error_bound: float
 
 
 class ClassifyResponse(BaseModel):
@@ -186,9 +203,16 @@ def _response(engine: Engine, result: ClassifyResult, started: float, tol: float
                 iterations=int(iters),
                 residual=float(res),
                 converged=bool(conv),
+                error_bound=float(bound),
             )
-            for label, probs, iters, res, conv in zip(
-                result.labels, result.probabilities, result.iterations, result.residuals, result.converged, strict=True
+            for label, probs, iters, res, conv, bound in zip(
+                result.labels,
+                result.probabilities,
+                result.iterations,
+                result.residuals,
+                result.converged,
+                result.error_bounds,
+                strict=True,
             )
         ],
     )
@@ -199,8 +223,13 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.registry = registry if registry is not None else await run_in_threadpool(load_registry, config)
-        yield
+        reg = registry if registry is not None else await run_in_threadpool(load_registry, config)
+        reg.start(config)
+        app.state.registry = reg
+        try:
+            yield
+        finally:
+            reg.stop()
 
     app = FastAPI(
         title="fpn-serve",
@@ -222,10 +251,16 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
     async def input_error(request: Request, exc: InputError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"detail": str(exc)})
 
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(
+            status_code=503, content={"detail": str(exc)}, headers={"Retry-After": str(max(1, round(exc.retry_after)))}
+        )
+
     @app.post(
         "/classify",
         response_model=ClassifyResponse,
-        responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422)},
+        responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)},
         summary="Classify one or more images or normalised inputs",
         openapi_extra={
             "requestBody": {
@@ -251,6 +286,11 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
         ] = None,
         max_iter: Annotated[int | None, Query(ge=1, description="iteration cap; default: the model's")] = None,
         model: Annotated[str | None, Query(max_length=64, description="model name; default: the first served")] = None,
+        solver: Annotated[Literal["fixed_point", "anderson"], Query(description="forward solver")] = "fixed_point",
+        deadline_ms: Annotated[
+            float | None,
+            Query(gt=0, le=60_000, description="answer with the current iterate once this many ms have passed"),
+        ] = None,
     ) -> ClassifyResponse:
         started = time.perf_counter()
         engine = registry.get(model)
@@ -277,7 +317,15 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
                 else [body]
             )
             x = await run_in_threadpool(images_to_batch, blobs, engine.manifest.input, max_pixels=config.max_pixels)
-        result = await run_in_threadpool(engine.classify, x, tol_used, max_iter_used)
+        if deadline_ms is not None:  # the deadline counts from the request's arrival
+            deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
+        if solver == "fixed_point":  # shares the model's active batch with concurrent requests
+            future = registry.schedulers[engine.name].submit(x, tol_used, max_iter_used, deadline_ms=deadline_ms)
+            result = await asyncio.wrap_future(future)
+        else:
+            result = await run_in_threadpool(
+                engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms
+            )
         return _response(engine, result, started, tol_used, max_iter_used)
 
     @app.get("/models", response_model=list[ModelInfo], summary="The models this server serves")

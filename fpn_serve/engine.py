@@ -12,6 +12,7 @@ import ctypes
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import InputError, ModelError
+from .loop import StepRunner
 from .manifest import Manifest, load_manifest
-from .solvers import residual
+from .solvers import SOLVERS, SolveOutput, anderson
 
 log = logging.getLogger("fpn_serve")
 
@@ -39,6 +41,7 @@ class ClassifyResult:
     iterations: np.ndarray  # int32 [B], applications of T
     residuals: np.ndarray  # float32 [B], relative step size at exit
     converged: np.ndarray  # bool [B], residual <= tol
+    error_bounds: np.ndarray  # float32 [B], certified bound on ||u - u*|| from gamma and the last step
     names: tuple[str, ...]  # label names of the model, by class index
 
 
@@ -107,7 +110,11 @@ class Engine:
         self.device = device
         self.max_iter_cap = max_iter_cap
         self._q, self._t, self._s = sessions["Q"], sessions["T"], sessions["S"]
+        self._step = sessions.get("step")
         self._latent = tuple(manifest.latent_shape)
+        gamma = manifest.contraction.gamma
+        # ||u_k - u*|| <= gamma / (1 - gamma) * ||u_k - u_{k-1}|| for a gamma-contraction
+        self._bound_factor = gamma / (1.0 - gamma) if gamma < 1 else float("inf")
 
     @classmethod
     def load(
@@ -127,6 +134,10 @@ class Engine:
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
         providers, why = choose_providers(device, model_dir / manifest.graphs["S"].file)
+        if providers[0] == "CUDAExecutionProvider" and "step" not in manifest.graphs:
+            if device == "cuda":
+                raise ModelError(f"{model_dir} has no step.onnx, which the CUDA loop needs; re-export it")
+            providers, why = ["CPUExecutionProvider"], "the folder has no step.onnx for the CUDA loop"
         chosen = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         log.info("model %s: running on %s (%s)", manifest.name, chosen, why)
         sessions = {}
@@ -176,16 +187,36 @@ class Engine:
             raise InputError(f"max_iter must be an integer from 1 to {self.max_iter_cap}, got {max_iter!r}")
         return float(tol), int(max_iter)
 
-    def classify(self, x: Any, tol: float | None = None, max_iter: int | None = None) -> ClassifyResult:
+    def classify(
+        self,
+        x: Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        *,
+        solver: str = "fixed_point",
+        deadline_ms: float | None = None,
+    ) -> ClassifyResult:
         """Classify normalised inputs ``x`` [batch, *input_shape]; ``None`` takes the manifest default.
 
         Each sample iterates until its own residual is <= tol or it has had max_iter applications
-        of T. ``tol=0`` runs exactly max_iter iterations (unless a sample reaches an exact fixed
-        point). Raises InputError for a bad array or parameter.
+        of T; a sample that stops leaves the active batch. ``tol=0`` runs max_iter iterations
+        (unless a sample reaches an exact fixed point). ``solver`` is ``fixed_point`` or
+        ``anderson``. With ``deadline_ms``, samples still running when that many milliseconds have
+        passed since the call began stop at the next iteration boundary and answer with their
+        current iterate (``converged`` False unless they met tol). Raises InputError for a bad
+        array or parameter.
         """
+        started = time.perf_counter()
         x = self.validate_inputs(x)
         tol, max_iter = self.resolve(tol, max_iter)
-        return self._run(x, tol, max_iter)
+        if solver not in SOLVERS:
+            raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        deadline = None
+        if deadline_ms is not None:
+            if isinstance(deadline_ms, bool) or not (isinstance(deadline_ms, (int, float)) and deadline_ms > 0):
+                raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+            deadline = started + deadline_ms / 1000.0
+        return self._run(x, tol, max_iter, solver, deadline)
 
     def classify_fixed(self, x: Any, iterations: int) -> ClassifyResult:
         """Run exactly ``iterations`` applications of T for every sample, with no early exit.
@@ -195,61 +226,103 @@ class Engine:
         """
         x = self.validate_inputs(x)
         _, iterations = self.resolve(None, iterations)
-        return self._run(x, -1.0, iterations)
+        return self._run(x, -1.0, iterations, "fixed_point", None)
 
-    def _run(self, x: np.ndarray, tol: float, max_iter: int) -> ClassifyResult:
-        z = self._q.run(["z"], {"x": x})[0]
-        u, iterations, residuals = self.solve(z, tol, max_iter)
-        logits = self._s.run(["logits"], {"u": u})[0]
+    def _run(self, x: np.ndarray, tol: float, max_iter: int, solver: str, deadline: float | None) -> ClassifyResult:
+        z = self.encode(x)
+        out = self.solve(z, tol, max_iter, solver=solver, deadline=deadline)
+        return self.decode(out, tol)
+
+    # -- the three stages, public so that a scheduler can interleave them -------------------
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """z = Q(x) for validated inputs [B, *input_shape] -> [B, *latent]."""
+        z: np.ndarray = self._q.run(["z"], {"x": x})[0]
+        return z
+
+    def decode(self, out: SolveOutput, tol: float | np.ndarray) -> ClassifyResult:
+        """S(u) and the per-sample report of a finished solve."""
+        logits = self._s.run(["logits"], {"u": out.u})[0]
         shifted = logits - logits.max(axis=1, keepdims=True)
         expo = np.exp(shifted)
         return ClassifyResult(
             labels=logits.argmax(axis=1).astype(np.int64),
             probabilities=(expo / expo.sum(axis=1, keepdims=True)).astype(np.float32),
             logits=logits,
-            iterations=iterations,
-            residuals=residuals,
-            converged=residuals <= tol,
+            iterations=out.iterations,
+            residuals=out.residuals,
+            converged=out.residuals <= tol,
+            error_bounds=(out.steps * self._bound_factor).astype(np.float32),
             names=self.manifest.labels,
         )
 
-    def solve(self, z: np.ndarray, tol: float, max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def new_runner(self, capacity: int) -> StepRunner:
+        """A step runner over this model's T (fused with its residual where the folder has one)."""
+        fused = self._step is not None
+        return StepRunner(self._step if fused else self._t, fused, self._latent, capacity, self.device)
+
+    def solve(
+        self,
+        z: np.ndarray,
+        tol: float,
+        max_iter: int,
+        *,
+        solver: str = "fixed_point",
+        deadline: float | None = None,
+    ) -> SolveOutput:
         """Iterate u <- T(u, z) from 0 with per-sample early exit (compaction of the active batch).
 
-        Returns the final iterate [B, *latent], iterations int32 [B] and residuals float32 [B].
+        ``deadline`` is an absolute ``time.perf_counter()`` value or None.
         """
+        if solver == "anderson":
+            return anderson(self._apply_t, z, tol, max_iter, deadline=deadline)
         batch = z.shape[0]
         u = np.zeros((batch, *self._latent), dtype=np.float32)
         iterations = np.zeros(batch, dtype=np.int32)
         residuals = np.full(batch, np.inf, dtype=np.float32)
+        steps = np.full(batch, np.inf, dtype=np.float32)
+        runner = self.new_runner(batch)
+        runner.add(z)
         active = np.arange(batch)
-        ua, za = u, z
         for k in range(1, max_iter + 1):
-            un = self._t.run(["u_next"], {"u": ua, "z": za})[0]
-            r = residual(un, ua)
-            keep = r > tol
-            if k == max_iter or not keep.any():
-                u[active], residuals[active], iterations[active] = un, r, k
+            r, st = runner.step()
+            out_of_time = deadline is not None and time.perf_counter() >= deadline
+            if k == max_iter or out_of_time:
+                u[active], residuals[active], steps[active], iterations[active] = runner.current(), r, st, k
                 break
+            keep = r > tol
             if not keep.all():
                 done = ~keep
                 leaving = active[done]
-                u[leaving], residuals[leaving], iterations[leaving] = un[done], r[done], k
-                active, ua, za = active[keep], un[keep], za[keep]
-            else:
-                ua = un
-        return u, iterations, residuals
+                u[leaving], residuals[leaving], steps[leaving], iterations[leaving] = (
+                    runner.current(done),
+                    r[done],
+                    st[done],
+                    k,
+                )
+                if not keep.any():
+                    break
+                active = active[keep]
+                runner.keep(keep)
+        return SolveOutput(u, iterations, residuals, steps)
+
+    def _apply_t(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._t.run(["u_next"], {"u": u, "z": z})[0]
+        return out
 
 
 def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSession], model_dir: Path) -> None:
     """The graphs must have the I/O names of the contract, with shapes that match the manifest."""
     expected = {"Q": (["x"], ["z"]), "T": (["u", "z"], ["u_next"]), "S": (["u"], ["logits"])}
+    if "step" in sessions:
+        expected["step"] = (["u", "z"], ["u_next", "residual", "step_norm"])
     dims = {
         "x": list(manifest.input.shape),
         "z": list(manifest.latent_shape),
         "u": list(manifest.latent_shape),
         "u_next": list(manifest.latent_shape),
         "logits": [len(manifest.labels)],
+        "residual": [],
+        "step_norm": [],
     }
     for role, (ins, outs) in expected.items():
         sess = sessions[role]

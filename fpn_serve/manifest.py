@@ -19,6 +19,10 @@ from .errors import ModelError
 
 FORMAT = "fpn-onnx/1"
 ROLES = ("Q", "T", "S")
+# Optional graphs a model folder may add; the engine uses them when present.
+#   step: inputs u, z -> outputs u_next, residual [batch], step_norm [batch]: T with the residual
+#         fused in, so that one run per iteration is all the loop needs.
+OPTIONAL_ROLES = ("step",)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -81,7 +85,10 @@ class Manifest:
                 raise ModelError(f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
             graphs_raw = _obj(data, "graphs")
             graphs = {}
-            for role in ROLES:
+            unknown = set(graphs_raw) - set(ROLES) - set(OPTIONAL_ROLES)
+            if unknown:
+                raise ModelError(f"unknown graphs {sorted(unknown)}; allowed: {', '.join(ROLES + OPTIONAL_ROLES)}")
+            for role in ROLES + tuple(r for r in OPTIONAL_ROLES if r in graphs_raw):
                 g = _obj(graphs_raw, role)
                 file = _str(g, "file")
                 if Path(file).name != file or file in ("", ".", ".."):

@@ -29,7 +29,7 @@ from torch import nn
 
 from fpn_serve import Engine, __version__
 from fpn_serve.manifest import FORMAT, Manifest, sha256_file
-from fpn_serve.solvers import RESIDUAL
+from fpn_serve.solvers import RESIDUAL, RESIDUAL_EPS
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
@@ -67,6 +67,15 @@ class _TGraph(nn.Module):
         return self.t.apply_with(self.weight, u, z)
 
 
+class _StepGraph(_TGraph):
+    """T with the residual fused in: (u, z) -> (u_next, residual, step_norm), one run per iteration."""
+
+    def forward(self, u: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        u_next = self.t.apply_with(self.weight, u, z)
+        step = (u_next - u).flatten(1).norm(dim=1)
+        return u_next, step / (u_next.flatten(1).norm(dim=1) + RESIDUAL_EPS), step
+
+
 class _SGraph(nn.Module):
     def __init__(self, model: FPN) -> None:
         super().__init__()
@@ -77,7 +86,7 @@ class _SGraph(nn.Module):
 
 
 def _export_graph(
-    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], output: str, path: Path, opset: int
+    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], output: str | list[str], path: Path, opset: int
 ) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in names}
@@ -88,7 +97,7 @@ def _export_graph(
             args,
             str(path),
             input_names=names,
-            output_names=[output],
+            output_names=[output] if isinstance(output, str) else output,
             dynamic_shapes=dynamic,
             opset_version=opset,
             dynamo=True,
@@ -104,6 +113,8 @@ def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: 
     _export_graph(_QGraph(model), (x,), ["x"], "z", folder / "Q.onnx", opset)
     _export_graph(_TGraph(model), (u, u.clone()), ["u", "z"], "u_next", folder / "T.onnx", opset)
     _export_graph(_SGraph(model), (u,), ["u"], "logits", folder / "S.onnx", opset)
+    step_outputs = ["u_next", "residual", "step_norm"]
+    _export_graph(_StepGraph(model), (u, u.clone()), ["u", "z"], step_outputs, folder / "step.onnx", opset)
 
 
 def build_manifest(

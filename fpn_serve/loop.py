@@ -1,0 +1,132 @@
+"""The inner loop: one application of T per call, on preallocated ping-pong buffers.
+
+``StepRunner`` keeps the active samples in the first ``n`` rows of two latent buffers (``u`` and
+``u_next`` swap roles every iteration) and a ``z`` buffer, all bound once to ONNX Runtime through
+IOBinding. An iteration is one ``run_with_iobinding`` and nothing else: with the model's fused
+``step`` graph the per-sample residual and step size come out of the same run; without it they
+are computed from the two buffers in numpy. Nothing is allocated per iteration; bindings are
+rebuilt only when samples join or leave (compaction), which happens at most once per sample.
+
+On CUDA the latent buffers live on the device and only the residual vector (a few bytes per
+sample) crosses to the host each iteration; joining and leaving go through the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .solvers import RESIDUAL_EPS
+
+
+class StepRunner:
+    """Runs u <- T(u, z) for up to ``capacity`` samples, reporting per-sample residuals."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        fused: bool,
+        latent_shape: tuple[int, ...],
+        capacity: int,
+        device: str = "cpu",
+    ) -> None:
+        if device == "cuda" and not fused:
+            raise ValueError("the CUDA loop needs the model's fused step graph (step.onnx)")
+        self._sess = session
+        self._fused = fused
+        self._latent = latent_shape
+        self._cuda = device == "cuda"
+        self.capacity = capacity
+        self.n = 0
+        shape = (capacity, *latent_shape)
+        # host mirrors; on the CPU these *are* the buffers ONNX Runtime reads and writes
+        self._u = [np.zeros(shape, np.float32), np.zeros(shape, np.float32)]
+        self._z = np.zeros(shape, np.float32)
+        self._res = np.zeros(capacity, np.float32)
+        self._step = np.zeros(capacity, np.float32)
+        self._cur = 0  # index of the buffer holding the current iterate
+        self._bindings: list[Any] = []
+        self._dev: list[Any] = []  # CUDA OrtValues: u0, u1, z
+
+    # -- membership --------------------------------------------------------------------------
+    def add(self, z: np.ndarray) -> None:
+        """Append samples with injection ``z`` [m, *latent], starting from u = 0."""
+        m = z.shape[0]
+        if self.n + m > self.capacity:
+            raise ValueError(f"{self.n + m} samples exceed the runner's capacity {self.capacity}")
+        if self._cuda:
+            self._pull()
+        self._u[self._cur][self.n : self.n + m] = 0.0
+        self._z[self.n : self.n + m] = z
+        self.n += m
+        self._rebind()
+
+    def keep(self, mask: np.ndarray) -> None:
+        """Keep only the active rows where ``mask`` is True (the others have left)."""
+        if self._cuda:
+            self._pull()
+        n2 = int(mask.sum())
+        cur = self._u[self._cur]
+        cur[:n2] = cur[: self.n][mask]
+        self._z[:n2] = self._z[: self.n][mask]
+        self.n = n2
+        self._rebind()
+
+    def current(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """A host copy of the current iterate of the given active rows (all by default)."""
+        if self._cuda:
+            self._pull()
+        u = self._u[self._cur][: self.n]
+        return (u if rows is None else u[rows]).copy()
+
+    # -- the iteration -----------------------------------------------------------------------
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """One application of T to every active row; returns views of (residual, step_norm) [n].
+
+        The views are valid until the next call.
+        """
+        n = self.n
+        self._sess.run_with_iobinding(self._bindings[self._cur])
+        if not self._fused:
+            u_prev = self._u[self._cur][:n].reshape(n, -1)
+            u_next = self._u[1 - self._cur][:n].reshape(n, -1)
+            np.sqrt(np.einsum("ij,ij->i", u_next - u_prev, u_next - u_prev), out=self._step[:n])
+            norm = np.sqrt(np.einsum("ij,ij->i", u_next, u_next))
+            np.divide(self._step[:n], norm + RESIDUAL_EPS, out=self._res[:n])
+        self._cur = 1 - self._cur
+        return self._res[:n], self._step[:n]
+
+    # -- plumbing ----------------------------------------------------------------------------
+    def _pull(self) -> None:
+        """Copy the device iterate back to the host mirror (CUDA only)."""
+        if self._dev and self.n:
+            self._u[self._cur][: self.n] = self._dev[self._cur].numpy()[: self.n]
+
+    def _rebind(self) -> None:
+        n = self.n
+        self._bindings = []
+        if n == 0:
+            return
+        shape = (n, *self._latent)
+        if self._cuda:
+            self._dev = [
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._u[0][:n]), "cuda", 0),
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._u[1][:n]), "cuda", 0),
+                ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._z[:n]), "cuda", 0),
+            ]
+        for src in (0, 1):
+            b = self._sess.io_binding()
+            if self._cuda:
+                b.bind_ortvalue_input("u", self._dev[src])
+                b.bind_ortvalue_input("z", self._dev[2])
+                b.bind_ortvalue_output("u_next", self._dev[1 - src])
+            else:
+                b.bind_input("u", "cpu", 0, np.float32, shape, self._u[src].ctypes.data)
+                b.bind_input("z", "cpu", 0, np.float32, shape, self._z.ctypes.data)
+                b.bind_output("u_next", "cpu", 0, np.float32, shape, self._u[1 - src].ctypes.data)
+            if self._fused:
+                b.bind_output("residual", "cpu", 0, np.float32, (n,), self._res.ctypes.data)
+                b.bind_output("step_norm", "cpu", 0, np.float32, (n,), self._step.ctypes.data)
+            self._bindings.append(b)
