@@ -19,6 +19,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or not one of ours; or an output cannot be written."""
 
 
+def _cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU, so a checkpoint written on a GPU loads anywhere."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: Path, model: FPN, cfg: TrainConfig, extra: dict[str, Any] | None = None) -> None:
     """Write atomically (temporary file, then rename), so an interrupted run keeps the last one."""
     payload: dict[str, Any] = {
@@ -30,7 +41,7 @@ def save_checkpoint(path: Path, model: FPN, cfg: TrainConfig, extra: dict[str, A
     }
     payload.update(extra or {})
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    torch.save(_cpu(payload), tmp)
     os.replace(tmp, path)
 
 

@@ -32,6 +32,8 @@ class TrainConfig:
     max_iter: int = 50
     solver: str = "fixed_point"
     augment_shift: int = 0  # random translation by up to this many pixels, training only
+    augment_rotate: float = 0.0  # random rotation by up to this many degrees, training only
+    augment_scale: float = 0.0  # random zoom by a factor in [1 - s, 1 + s], training only
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from . import architectures
 from .backprop import BACKPROP, get_backprop
-from .checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DATASETS, DataError, TensorSplit, load_split
 from .fpn import FPN
@@ -35,14 +36,30 @@ def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generato
     if max_shift <= 0:
         return images
     b, _, h, w = images.shape
+    dev = images.device
     padded = nn.functional.pad(images, (max_shift,) * 4)
-    oy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
-    ox = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, None, :, None]  # [B, 1, H, 1]
-    cols = (ox[:, None] + torch.arange(w))[:, None, None, :]  # [B, 1, 1, W]
-    batch = torch.arange(b)[:, None, None, None]
-    chans = torch.arange(images.shape[1])[None, :, None, None]
+    oy = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * max_shift + 1, (b,), generator=generator).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]  # [B, 1, H, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]  # [B, 1, 1, W]
+    batch = torch.arange(b, device=dev)[:, None, None, None]
+    chans = torch.arange(images.shape[1], device=dev)[None, :, None, None]
     return padded[batch, chans, rows, cols]
+
+
+def random_affine(images: torch.Tensor, rotate_deg: float, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Rotate each image [B, C, H, W] by up to ``rotate_deg`` degrees and zoom by 1 +- ``scale``."""
+    if rotate_deg <= 0 and scale <= 0:
+        return images
+    b = images.shape[0]
+    angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(rotate_deg)
+    zoom = 1 + (torch.rand(b, generator=generator) * 2 - 1) * scale
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1)
+    theta = theta.to(images.device)
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    out = nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.round().clamp(0, 255).to(images.dtype)
 
 
 def train_one_epoch(
@@ -68,8 +85,9 @@ def train_one_epoch(
     )
     for start in bar:
         idx = order[start : start + cfg.batch_size]
-        images = random_shift(data.images[idx], cfg.augment_shift, generator)
-        x = data.normalise(images.to(cfg.device))
+        images = random_shift(data.images[idx].to(cfg.device), cfg.augment_shift, generator)
+        images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, generator)
+        x = data.normalise(images)
         y = data.labels[idx].to(cfg.device)
         logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
         loss = loss_fn(logits, y)
@@ -139,11 +157,22 @@ def main(args: argparse.Namespace) -> None:
         max_iter=args.max_iter,
         solver=args.solver,
         augment_shift=args.augment_shift,
+        augment_rotate=args.augment_rotate,
+        augment_scale=args.augment_scale,
         seed=args.seed,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
         device=args.device,
     )
+    resume_payload: dict[str, Any] | None = None
+    if args.resume:
+        # Continue a run: its model and training config come from the checkpoint; only where it
+        # runs (--device, --data-root, --out) comes from this command line.
+        resumed, saved_cfg, resume_payload = load_checkpoint(args.resume)
+        model_cfg, cfg = resumed.config, replace(saved_cfg, device=args.device)
+        for key in ("optimizer", "scheduler", "generator", "epoch"):
+            if key not in resume_payload:
+                raise CheckpointError(f"{args.resume} has no {key} state to resume from")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
     out = Path(args.out)
@@ -151,7 +180,10 @@ def main(args: argparse.Namespace) -> None:
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = FPN(model_cfg).to(cfg.device)
+    model = FPN(model_cfg)
+    if resume_payload is not None:
+        model.load_state_dict(resume_payload["state_dict"])
+    model.to(cfg.device)
     train = load_split(cfg.dataset, Path(args.data_root), train=True, limit=cfg.limit_train)
     test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=cfg.limit_test)
     log.info(
@@ -168,8 +200,20 @@ def main(args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch = 1
+    if resume_payload is not None:
+        optimizer.load_state_dict(resume_payload["optimizer"])
+        scheduler.load_state_dict(resume_payload["scheduler"])
+        generator.set_state(resume_payload["generator"])
+        if "rng_state" in resume_payload:
+            torch.set_rng_state(resume_payload["rng_state"])
+        first_epoch = int(resume_payload["epoch"]) + 1
+        log.info("resuming %s at epoch %d of %d", args.resume, first_epoch, cfg.epochs)
+        if first_epoch > cfg.epochs:
+            raise CheckpointError(f"{args.resume} already finished all {cfg.epochs} epochs")
+    else:
+        metrics_path.write_text("")
+    for epoch in range(first_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, train, optimizer, cfg, generator, epoch))
@@ -178,6 +222,7 @@ def main(args: argparse.Namespace) -> None:
         row.update(evaluate(model, test, cfg))
         row["seconds"] = time.perf_counter() - started
         row["lipschitz_bound"] = model.T.lipschitz_bound()
+        row["device"] = cfg.device
         if not math.isfinite(row["train_loss"]):
             raise CheckpointError(f"training diverged at epoch {epoch} (loss {row['train_loss']})")
         with metrics_path.open("a") as fh:
@@ -192,6 +237,7 @@ def main(args: argparse.Namespace) -> None:
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
+                "rng_state": torch.get_rng_state(),
             },
         )
         log.info(
@@ -236,12 +282,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--augment-shift", type=int, default=0, help="random translation of training images by up to this many pixels"
     )
+    p.add_argument(
+        "--augment-rotate",
+        type=float,
+        default=0.0,
+        help="random rotation of training images by up to this many degrees",
+    )
+    p.add_argument(
+        "--augment-scale", type=float, default=0.0, help="random zoom of training images by a factor in [1-s, 1+s]"
+    )
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and metrics.jsonl")
     p.add_argument("--data-root", default="data", help="dataset folder (torchvision layout)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="torch device")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, shuffling, augmentation)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT",
+        help="continue the run saved in CKPT (its model and training flags; --device, --data-root and --out from here)",
+    )
     return p
 
 
@@ -257,6 +318,8 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} must be a positive number, got {value}")
     if not 0 < args.gamma < 1:
         p.error(f"--gamma must lie in (0, 1), got {args.gamma}")
+    if args.augment_shift < 0 or not 0 <= args.augment_rotate <= 180 or not 0 <= args.augment_scale < 1:
+        p.error("--augment-shift must be >= 0, --augment-rotate in [0, 180], --augment-scale in [0, 1)")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must lie in [0, 1), got {args.dropout}")
     for flag, value in {"--limit-train": args.limit_train, "--limit-test": args.limit_test}.items():

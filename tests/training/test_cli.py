@@ -83,7 +83,7 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(trained: Path) ->
 
 @pytest.mark.slow
 def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained: Path, mnist_root: Path) -> None:
-    assert sorted(p.name for p in exported.iterdir()) == ["Q.onnx", "S.onnx", "T.onnx", "manifest.json"]
+    assert sorted(p.name for p in exported.iterdir()) == ["Q.onnx", "S.onnx", "T.onnx", "manifest.json", "step.onnx"]
     manifest = load_manifest(exported)
     assert manifest.name == "tiny" and manifest.input.shape == (1, 28, 28) and manifest.latent_shape == (46,)
     assert 0 < manifest.contraction.gamma <= 0.99 + 1e-6
@@ -173,3 +173,52 @@ def test_an_unwritable_output_is_a_clear_error(tmp_path: Path) -> None:
     proc = run("training.train", "--out", str(blocker / "sub"), "--epochs", "1")
     assert proc.returncode == 1
     assert "cannot create output folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
+    tmp_path: Path, mnist_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training import train as train_mod
+
+    common = [
+        "--epochs",
+        "2",
+        "--limit-train",
+        "640",
+        "--limit-test",
+        "128",
+        "--batch-size",
+        "64",
+        "--seed",
+        "5",
+        "--dropout",
+        "0.1",
+        "--augment-shift",
+        "2",
+        "--augment-rotate",
+        "8",
+        "--data-root",
+        str(mnist_root),
+    ]
+    assert train_cli([*common, "--out", str(tmp_path / "full")]) == 0
+
+    real = train_mod.train_one_epoch
+
+    def interrupted(*args: object, **kwargs: object) -> dict[str, float]:
+        if args[-1] == 2:  # the epoch number: stop the run as Ctrl-C would
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_mod, "train_one_epoch", interrupted)
+    assert train_cli([*common, "--out", str(tmp_path / "cut")]) == 130
+    monkeypatch.undo()
+    cut = tmp_path / "cut"
+    assert train_cli(["--resume", str(cut / "checkpoint.pt"), "--out", str(cut), "--data-root", str(mnist_root)]) == 0
+
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(cut / "checkpoint.pt", weights_only=True)
+    assert resumed["epoch"] == full["epoch"] == 2
+    for name, tensor in full["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    assert len((cut / "metrics.jsonl").read_text().splitlines()) == 2

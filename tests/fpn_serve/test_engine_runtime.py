@@ -1,0 +1,165 @@
+"""The engine's runtime features: solvers, deadlines, error bounds, non-contractive models, the scheduler."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fpn_serve import Engine, InputError
+from fpn_serve.scheduler import QueueFull, Scheduler
+
+from .synthetic import linear_model
+
+
+@pytest.fixture(scope="module")
+def engine(shipped_model: Path) -> Engine:
+    return Engine.load(shipped_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> np.ndarray:
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=256)
+    return test.normalise(test.images).numpy()
+
+
+def test_anderson_agrees_with_plain_iteration(engine: Engine, digits: np.ndarray) -> None:
+    plain = engine.classify(digits, tol=1e-6, max_iter=500)
+    anderson = engine.classify(digits, tol=1e-6, max_iter=500, solver="anderson")
+    assert anderson.converged.all() and plain.converged.all()
+    np.testing.assert_array_equal(anderson.labels, plain.labels)
+    np.testing.assert_allclose(anderson.logits, plain.logits, atol=1e-3)
+
+
+def test_error_bound_holds_against_a_long_solve(engine: Engine, digits: np.ndarray) -> None:
+    z = engine.encode(digits)
+    exact = engine.solve(z, 0.0, 1000).u  # to float precision
+    for solver in ("fixed_point", "anderson"):
+        for tol in (1e-1, 1e-2, 1e-3):
+            out = engine.solve(z, tol, 100, solver=solver)
+            dist = np.linalg.norm((out.u - exact).reshape(len(z), -1), axis=1)
+            bound = out.steps * engine.manifest.contraction.gamma / (1 - engine.manifest.contraction.gamma)
+            assert bool((dist <= bound * (1 + 1e-3) + 1e-5).all()), (solver, tol, float((dist - bound).max()))
+            assert dist.max() > 0  # a loose tolerance really stops short of the fixed point
+
+
+@pytest.fixture(scope="module")
+def slow_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    """A model that never converges (T(u, z) = u + z), so only max_iter or a deadline stops it."""
+    return Engine.load(linear_model(tmp_path_factory.mktemp("m") / "never", scale=1.0), device="cpu")
+
+
+def test_deadline_answers_with_the_current_iterate(slow_engine: Engine, engine: Engine, digits: np.ndarray) -> None:
+    x = np.ones((8, 1, 2, 2), np.float32)
+    per_iteration = _seconds_per_iteration(slow_engine, x)
+    started = time.perf_counter()
+    result = slow_engine.classify(x, tol=1e-9, max_iter=10_000, deadline_ms=5)
+    elapsed = time.perf_counter() - started
+    assert (result.iterations < 10_000).all() and (result.iterations >= 1).all()
+    assert not result.converged.any()
+    # the answer is the iterate reached: u_k = k * z for this model, so S(u_k) = k * [1, 1, 1]
+    np.testing.assert_allclose(result.logits, result.iterations[:, None] * np.ones((8, 3)), rtol=1e-6)
+    assert elapsed < 0.005 + 50 * per_iteration + 0.05  # one iteration past the deadline, plus Q, S, slack
+    with pytest.raises(InputError, match="deadline_ms"):
+        engine.classify(digits[:1], deadline_ms=-1)
+
+
+def _seconds_per_iteration(engine: Engine, x: np.ndarray) -> float:
+    started = time.perf_counter()
+    engine.classify_fixed(x, 2000)
+    return (time.perf_counter() - started) / 2000
+
+
+def test_a_non_contractive_model_stops_at_max_iter(tmp_path: Path) -> None:
+    engine = Engine.load(linear_model(tmp_path / "diverges", scale=1.5), device="cpu")
+    x = np.ones((3, 1, 2, 2), np.float32)
+    started = time.perf_counter()
+    result = engine.classify(x, tol=1e-6, max_iter=40)
+    assert time.perf_counter() - started < 5
+    assert result.iterations.tolist() == [40, 40, 40]
+    assert not result.converged.any()
+    assert np.isinf(result.error_bounds).all()  # no certificate for gamma >= 1
+    # and a contractive twin converges to the analytic fixed point z / (1 - a)
+    twin = Engine.load(linear_model(tmp_path / "converges", scale=0.5), device="cpu")
+    good = twin.classify(x, tol=1e-6, max_iter=200)
+    assert good.converged.all()
+    np.testing.assert_allclose(good.logits, np.full((3, 3), 2.0), rtol=1e-5)
+
+
+def test_unknown_solver_is_refused(engine: Engine, digits: np.ndarray) -> None:
+    with pytest.raises(InputError, match="unknown solver 'newton'; choose one of fixed_point, anderson"):
+        engine.classify(digits[:1], solver="newton")
+
+
+def test_scheduler_gives_each_caller_its_own_solo_answer(engine: Engine, digits: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(48):
+        n = int(rng.integers(1, 5))
+        start = int(rng.integers(0, len(digits) - n))
+        jobs.append((digits[start : start + n], float(10.0 ** -rng.integers(1, 7)), int(rng.integers(5, 60))))
+    results: list[object] = [None] * len(jobs)
+    scheduler = Scheduler(engine, max_active=32)
+    scheduler.start()
+    try:
+        barrier = threading.Barrier(len(jobs))
+
+        def call(i: int) -> None:
+            x, tol, max_iter = jobs[i]
+            barrier.wait()
+            results[i] = scheduler.classify(x, tol, max_iter)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        scheduler.stop()
+    assert scheduler.stats["max_active_seen"] > 4  # requests really shared the batch
+    for (x, tol, max_iter), got in zip(jobs, results, strict=True):
+        solo = engine.classify(x, tol, max_iter)
+        assert got is not None
+        np.testing.assert_array_equal(got.iterations, solo.iterations)  # type: ignore[attr-defined]
+        np.testing.assert_array_equal(got.labels, solo.labels)  # type: ignore[attr-defined]
+        np.testing.assert_allclose(got.logits, solo.logits, rtol=0, atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_scheduler_bounds_its_queue_and_validates_before_queueing(engine: Engine, digits: np.ndarray) -> None:
+    scheduler = Scheduler(engine, max_active=1, max_queue=2)
+    with pytest.raises(QueueFull, match="not running"):
+        scheduler.submit(digits[:1])
+    scheduler.start()
+    try:
+        with pytest.raises(InputError, match="at most 1"):
+            scheduler.submit(digits[:2])
+        with pytest.raises(InputError, match="tol must be"):
+            scheduler.submit(digits[:1], tol=5.0)
+        futures = []
+        with pytest.raises(QueueFull, match="queued"):
+            for _ in range(50):  # one runs, two wait, then the queue is full
+                futures.append(scheduler.submit(digits[:1], 1e-9, 1000))
+        assert all(f.result(30).iterations[0] >= 1 for f in futures)
+    finally:
+        scheduler.stop()
+
+
+def test_scheduler_honours_each_requests_deadline(slow_engine: Engine) -> None:
+    x = np.ones((6, 1, 2, 2), np.float32)
+    scheduler = Scheduler(slow_engine, max_active=16)
+    scheduler.start()
+    try:
+        slow = scheduler.submit(x[:4], 1e-9, 10_000)  # runs all 10,000 iterations
+        quick = scheduler.submit(x[4:5], 1e-1, 1000)  # residual 1/k: done after 10 iterations
+        bounded = scheduler.submit(x[5:6], 1e-9, 10_000, deadline_ms=20)
+        assert quick.result(10).iterations.tolist() == [10]
+        assert not bounded.result(10).converged.any() and bounded.result().iterations[0] < 10_000
+        assert not slow.done()  # the long request did not hold the others back
+        assert slow.result(60).iterations.tolist() == [10_000] * 4
+    finally:
+        scheduler.stop()
