@@ -99,7 +99,7 @@ def test_unknown_solver_is_refused(engine: Engine, digits: np.ndarray) -> None:
 def test_scheduler_gives_each_caller_its_own_solo_answer(engine: Engine, digits: np.ndarray) -> None:
     rng = np.random.default_rng(0)
     jobs = []
-    for i in range(48):
+    for _ in range(48):
         n = int(rng.integers(1, 5))
         start = int(rng.integers(0, len(digits) - n))
         jobs.append((digits[start : start + n], float(10.0 ** -rng.integers(1, 7)), int(rng.integers(5, 60))))
@@ -141,9 +141,13 @@ def test_scheduler_bounds_its_queue_and_validates_before_queueing(engine: Engine
         with pytest.raises(InputError, match="tol must be"):
             scheduler.submit(digits[:1], tol=5.0)
         futures = []
-        with pytest.raises(QueueFull, match="queued"):
+
+        def flood() -> None:
             for _ in range(50):  # one runs, two wait, then the queue is full
                 futures.append(scheduler.submit(digits[:1], 1e-9, 1000))
+
+        with pytest.raises(QueueFull, match="queued"):
+            flood()
         assert all(f.result(30).iterations[0] >= 1 for f in futures)
     finally:
         scheduler.stop()

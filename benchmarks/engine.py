@@ -1,0 +1,331 @@
+"""Engine benchmarks: per-iteration cost, engine against a torch eager loop, the scheduler under load.
+
+    python benchmarks/engine.py                     # all parts, shipped model, CPU
+    python benchmarks/engine.py --parts iteration   # one part
+    python benchmarks/engine.py --quick             # fewer repeats (a smoke run)
+
+Prints a table per part and writes ``benchmarks/results/engine.json`` and
+``benchmarks/results/tolerance_curve.png``. Every comparison is measured side by side in one run;
+figures are medians. Needs the ``train`` extra (torch, matplotlib) and MNIST under ``--data-root``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fpn_serve import Engine  # noqa: E402
+from fpn_serve.scheduler import Scheduler  # noqa: E402
+
+TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def load_digits(data_root: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_split
+
+    test = load_split("mnist", data_root, train=False, limit=n)
+    return test.normalise(test.images).numpy(), test.labels.numpy()
+
+
+# ------------------------------------------------------------------------------------------------
+# torch eager reference over the very weights of the ONNX graphs
+
+
+def torch_model_from_onnx(model_dir: Path) -> Any:
+    """Rebuild the mnist_conv FPN in torch with the initializers of Q.onnx, T.onnx and S.onnx."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from training.config import ModelConfig
+    from training.fpn import FPN
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        graph = onnx.load(str(model_dir / name)).graph
+        return {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+
+    gamma = json.loads((model_dir / "manifest.json").read_text())["provenance"]["model_config"]["gamma"]
+    model = FPN(ModelConfig(gamma=gamma)).eval()
+    q = {k.removeprefix("q."): v for k, v in weights("Q.onnx").items() if k.startswith("q.")}
+    model.Q.load_state_dict(q)
+    (w_t,) = [v for v in weights("T.onnx").values() if v.shape == (46, 46)]  # W^T, folded by the exporter
+    model.T.linear.raw.data.copy_(w_t.T)  # ||W|| <= 1: the normalisation is a no-op
+    model.S.load_state_dict({"weight": weights("S.onnx")["s.weight"]})
+    return model
+
+
+def torch_eager_classify(model: Any, x: Any, tol: float, max_iter: int) -> Any:
+    """The loop a user writes by hand: iterate the whole batch until every residual is <= tol."""
+    import torch
+
+    with torch.inference_mode():
+        z = model.Q(x)
+        w = model.T.linear.weight()
+        u = torch.zeros_like(z)
+        for _ in range(max_iter):
+            u_next = model.T.apply_with(w, u, z)
+            res = (u_next - u).norm(dim=1) / (u_next.norm(dim=1) + 1e-6)
+            u = u_next
+            if bool((res <= tol).all()):
+                break
+        return model.S(u).softmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def bench_iteration(engine: Engine, x_all: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    """Per-iteration cost of the engine's loop against a bare ``session.run`` of T.onnx."""
+    rows = []
+    t_sess = engine._t  # the bare session, as a user of T.onnx would run it
+    for batch in (1, 32, 256):
+        x = x_all[:batch]
+        z = engine.encode(x)
+        u = np.zeros_like(z)
+        bare = median_seconds(lambda u=u, z=z: t_sess.run(["u_next"], {"u": u, "z": z}), repeats)
+        long = median_seconds(lambda z=z: engine.solve(z, -1.0, 201), max(repeats // 20, 20), 3)
+        short = median_seconds(lambda z=z: engine.solve(z, -1.0, 1), repeats, 20)
+        per_iter = (long - short) / 200
+        rows.append(
+            {
+                "batch": batch,
+                "bare_T_run_us": bare * 1e6,
+                "engine_per_iteration_us": per_iter * 1e6,
+                "overhead_pct": 100 * (per_iter / bare - 1),
+            }
+        )
+    return rows
+
+
+def bench_vs_torch(engine: Engine, x_all: np.ndarray, repeats: int) -> list[dict[str, Any]]:
+    import torch
+
+    model = torch_model_from_onnx(engine.model_dir)
+    rows = []
+    for batch in (1, 256):
+        x = x_all[:batch]
+        xt = torch.from_numpy(x)
+        ours = engine.classify(x, tol=1e-4, max_iter=100)
+        ref = torch_eager_classify(model, xt, 1e-4, 100).numpy()
+        agree = float((ref.argmax(1) == ours.labels).mean())
+        reps = repeats if batch == 1 else max(repeats // 20, 20)
+        t_engine = median_seconds(lambda x=x: engine.classify(x, tol=1e-4, max_iter=100), reps)
+        t_torch = median_seconds(lambda xt=xt: torch_eager_classify(model, xt, 1e-4, 100), reps)
+        rows.append(
+            {
+                "batch": batch,
+                "tol": 1e-4,
+                "engine_ms": t_engine * 1e3,
+                "torch_eager_ms": t_torch * 1e3,
+                "speedup": t_torch / t_engine,
+                "label_agreement": agree,
+                "engine_mean_iterations": float(ours.iterations.mean()),
+            }
+        )
+    return rows
+
+
+def _load(
+    call: Callable[[np.ndarray, float], object], x_all: np.ndarray, callers: int, per_caller: int
+) -> dict[str, Any]:
+    """``callers`` threads each send ``per_caller`` batch-1 requests, tolerances cycling 1e-1..1e-6."""
+    latencies: dict[float, list[float]] = {t: [] for t in TOLS}
+    lock = threading.Lock()
+    barrier = threading.Barrier(callers + 1)
+
+    def caller(cid: int) -> None:
+        mine: list[tuple[float, float]] = []
+        barrier.wait()
+        for i in range(per_caller):
+            tol = TOLS[(cid + i) % len(TOLS)]
+            x = x_all[(cid * per_caller + i) % len(x_all)][None]
+            t = time.perf_counter()
+            call(x, tol)
+            mine.append((tol, time.perf_counter() - t))
+        with lock:
+            for tol, dt in mine:
+                latencies[tol].append(dt)
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    total = callers * per_caller
+    return {
+        "requests": total,
+        "throughput_rps": total / elapsed,
+        "p50_ms": {f"{t:g}": 1e3 * float(np.percentile(v, 50)) for t, v in latencies.items() if v},
+        "p99_ms": {f"{t:g}": 1e3 * float(np.percentile(v, 99)) for t, v in latencies.items() if v},
+    }
+
+
+def bench_scheduler(engine: Engine, x_all: np.ndarray, quick: bool) -> dict[str, Any]:
+    per_caller_total = 600 if quick else 3000
+    scheduler = Scheduler(engine, max_active=256)
+    scheduler.start()
+    serial = threading.Lock()
+
+    def sequential(x: np.ndarray, tol: float) -> object:
+        with serial:  # one request at a time, as a server without batching runs them
+            return engine.classify(x, tol=tol)
+
+    def batched(x: np.ndarray, tol: float) -> object:
+        return scheduler.classify(x, tol=tol)
+
+    try:
+        alone = median_seconds(lambda: scheduler.classify(x_all[:1], tol=1e-1), 300)
+        rows = []
+        for callers in (1, 8, 32, 64):
+            per_caller = max(per_caller_total // callers, 10)
+            seq = _load(sequential, x_all, callers, per_caller)
+            sch = _load(batched, x_all, callers, per_caller)
+            rows.append(
+                {
+                    "callers": callers,
+                    "sequential": seq,
+                    "scheduler": sch,
+                    "throughput_ratio": sch["throughput_rps"] / seq["throughput_rps"],
+                    "tol_0.1_p50_vs_alone": sch["p50_ms"]["0.1"] / (alone * 1e3),
+                }
+            )
+    finally:
+        scheduler.stop()
+    return {"tol_0.1_alone_ms": alone * 1e3, "rows": rows}
+
+
+def bench_tolerance_curve(engine: Engine, x: np.ndarray, y: np.ndarray, out_png: Path) -> list[dict[str, Any]]:
+    rows = []
+    for tol in TOLS:
+        res = engine.classify(x, tol=tol)
+        one = x[:200]
+        t = median_seconds(lambda: [engine.classify(one[i : i + 1], tol=tol) for i in range(len(one))], 5, 1)  # noqa: B023
+        rows.append(
+            {
+                "tol": tol,
+                "accuracy": float((res.labels == y).mean()),
+                "mean_iterations": float(res.iterations.mean()),
+                "batch1_latency_us": 1e6 * t / len(one),
+            }
+        )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax1 = plt.subplots(figsize=(6.4, 4))
+    tols = [r["tol"] for r in rows]
+    ax1.semilogx(tols, [100 * r["accuracy"] for r in rows], "o-", color="tab:blue", label="accuracy")
+    ax1.set_xlabel("tolerance (per-sample relative residual)")
+    ax1.set_ylabel("test accuracy (%)", color="tab:blue")
+    ax1.invert_xaxis()
+    ax2 = ax1.twinx()
+    ax2.semilogx(tols, [r["batch1_latency_us"] for r in rows], "s--", color="tab:red", label="latency")
+    ax2.set_ylabel("batch-1 latency (us)", color="tab:red")
+    ax1.set_title(f"{engine.name}: accuracy and latency against tolerance ({len(x)} test images)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=REPO / "models" / "mnist")
+    p.add_argument("--data-root", type=Path, default=REPO / "data")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--parts", nargs="*", default=["iteration", "torch", "scheduler", "curve"])
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    repeats = 300 if args.quick else 3000
+
+    engine = Engine.load(args.model, device=args.device)
+    x, y = load_digits(args.data_root, 10_000 if "curve" in args.parts else 512)
+    report: dict[str, Any] = {
+        "model": engine.name,
+        "device": engine.device,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+    }
+    if "iteration" in args.parts:
+        rows = bench_iteration(engine, x, repeats)
+        report["iteration"] = rows
+        print("\nPer-iteration cost (median, us)")
+        print(f"{'batch':>6} {'bare T run':>11} {'engine/iter':>12} {'overhead':>9}")
+        for r in rows:
+            print(
+                f"{r['batch']:>6} {r['bare_T_run_us']:>11.2f} {r['engine_per_iteration_us']:>12.2f} "
+                f"{r['overhead_pct']:>8.1f}%"
+            )
+    if "torch" in args.parts:
+        rows = bench_vs_torch(engine, x, repeats)
+        report["vs_torch"] = rows
+        print("\nEngine against a torch eager loop over the same weights, tol=1e-4 (median, ms)")
+        print(f"{'batch':>6} {'engine':>9} {'torch':>9} {'speedup':>8} {'iters':>6} {'agree':>6}")
+        for r in rows:
+            print(
+                f"{r['batch']:>6} {r['engine_ms']:>9.4f} {r['torch_eager_ms']:>9.4f} {r['speedup']:>7.2f}x "
+                f"{r['engine_mean_iterations']:>6.2f} {r['label_agreement']:>6.3f}"
+            )
+    if "scheduler" in args.parts:
+        sched = bench_scheduler(engine, x, args.quick)
+        report["scheduler"] = sched
+        print(f"\nScheduler against one-at-a-time execution (tol=1e-1 alone: {sched['tol_0.1_alone_ms']:.3f} ms)")
+        print(
+            f"{'callers':>8} {'seq rps':>9} {'sched rps':>10} {'ratio':>6} "
+            f"{'p50 1e-1':>9} {'p99 1e-6':>9} {'x alone':>8}"
+        )
+        for r in sched["rows"]:
+            s = r["scheduler"]
+            print(
+                f"{r['callers']:>8} {r['sequential']['throughput_rps']:>9.0f} {s['throughput_rps']:>10.0f} "
+                f"{r['throughput_ratio']:>5.2f}x {s['p50_ms']['0.1']:>8.3f}m {s['p99_ms']['1e-06']:>8.3f}m "
+                f"{r['tol_0.1_p50_vs_alone']:>7.2f}x"
+            )
+    if "curve" in args.parts:
+        rows = bench_tolerance_curve(engine, x, y, args.out / "tolerance_curve.png")
+        report["tolerance_curve"] = rows
+        print(f"\nAccuracy and batch-1 latency against tolerance ({len(x)} test images)")
+        print(f"{'tol':>8} {'accuracy':>9} {'iters':>6} {'latency us':>11}")
+        for r in rows:
+            print(
+                f"{r['tol']:>8g} {100 * r['accuracy']:>8.2f}% {r['mean_iterations']:>6.2f} "
+                f"{r['batch1_latency_us']:>11.1f}"
+            )
+    suffix = "" if engine.device == "cpu" else f"_{engine.device}"
+    path = args.out / f"engine{suffix}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
