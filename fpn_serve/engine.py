@@ -111,6 +111,7 @@ class Engine:
         self.max_iter_cap = max_iter_cap
         self._q, self._t, self._s = sessions["Q"], sessions["T"], sessions["S"]
         self._step = sessions.get("step")
+        self._fpn = sessions.get("fpn")
         self._latent = tuple(manifest.latent_shape)
         gamma = manifest.contraction.gamma
         # ||u_k - u*|| <= gamma / (1 - gamma) * ||u_k - u_{k-1}|| for a gamma-contraction
@@ -229,9 +230,36 @@ class Engine:
         return self._run(x, -1.0, iterations, "fixed_point", None)
 
     def _run(self, x: np.ndarray, tol: float, max_iter: int, solver: str, deadline: float | None) -> ClassifyResult:
+        if self._fpn is not None and solver == "fixed_point" and deadline is None and tol >= 0:
+            # the single-graph variant: Q, the loop and S in one ONNX Runtime call
+            logits, iterations, residuals, steps = self._fpn.run(
+                None, {"x": x, "tol": np.array(tol, np.float32), "max_iter": np.array(max_iter, np.int64)}
+            )
+            return self._report(logits, iterations.astype(np.int32), residuals, steps, tol)
         z = self.encode(x)
         out = self.solve(z, tol, max_iter, solver=solver, deadline=deadline)
         return self.decode(out, tol)
+
+    def _report(
+        self,
+        logits: np.ndarray,
+        iterations: np.ndarray,
+        residuals: np.ndarray,
+        steps: np.ndarray,
+        tol: float | np.ndarray,
+    ) -> ClassifyResult:
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        expo = np.exp(shifted)
+        return ClassifyResult(
+            labels=logits.argmax(axis=1).astype(np.int64),
+            probabilities=(expo / expo.sum(axis=1, keepdims=True)).astype(np.float32),
+            logits=logits,
+            iterations=iterations,
+            residuals=residuals,
+            converged=residuals <= tol,
+            error_bounds=(steps * self._bound_factor).astype(np.float32),
+            names=self.manifest.labels,
+        )
 
     # -- the three stages, public so that a scheduler can interleave them -------------------
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -242,18 +270,7 @@ class Engine:
     def decode(self, out: SolveOutput, tol: float | np.ndarray) -> ClassifyResult:
         """S(u) and the per-sample report of a finished solve."""
         logits = self._s.run(["logits"], {"u": out.u})[0]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        expo = np.exp(shifted)
-        return ClassifyResult(
-            labels=logits.argmax(axis=1).astype(np.int64),
-            probabilities=(expo / expo.sum(axis=1, keepdims=True)).astype(np.float32),
-            logits=logits,
-            iterations=out.iterations,
-            residuals=out.residuals,
-            converged=out.residuals <= tol,
-            error_bounds=(out.steps * self._bound_factor).astype(np.float32),
-            names=self.manifest.labels,
-        )
+        return self._report(logits, out.iterations, out.residuals, out.steps, tol)
 
     def new_runner(self, capacity: int) -> StepRunner:
         """A step runner over this model's T (fused with its residual where the folder has one)."""
@@ -315,6 +332,8 @@ def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSessi
     expected = {"Q": (["x"], ["z"]), "T": (["u", "z"], ["u_next"]), "S": (["u"], ["logits"])}
     if "step" in sessions:
         expected["step"] = (["u", "z"], ["u_next", "residual", "step_norm"])
+    if "fpn" in sessions:
+        expected["fpn"] = (["x", "tol", "max_iter"], ["logits", "iterations", "residual", "step_norm"])
     dims = {
         "x": list(manifest.input.shape),
         "z": list(manifest.latent_shape),
@@ -323,6 +342,9 @@ def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSessi
         "logits": [len(manifest.labels)],
         "residual": [],
         "step_norm": [],
+        "iterations": [],
+        "tol": [],
+        "max_iter": [],
     }
     for role, (ins, outs) in expected.items():
         sess = sessions[role]

@@ -22,7 +22,9 @@ ROLES = ("Q", "T", "S")
 # Optional graphs a model folder may add; the engine uses them when present.
 #   step: inputs u, z -> outputs u_next, residual [batch], step_norm [batch]: T with the residual
 #         fused in, so that one run per iteration is all the loop needs.
-OPTIONAL_ROLES = ("step",)
+#   fpn:  inputs x, tol, max_iter -> outputs logits, iterations, residual, step_norm: Q, the whole
+#         fixed-point iteration (an ONNX Loop with per-sample freezing) and S in one graph.
+OPTIONAL_ROLES = ("step", "fpn")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

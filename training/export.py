@@ -35,6 +35,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .data import DataError, dataset_spec, load_split
 from .fpn import FPN
+from .loop_graph import build_loop_model
 
 log = logging.getLogger("fpn-export")
 
@@ -106,7 +107,8 @@ def _export_graph(
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
 
-def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: int) -> None:
+def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: int, loop: bool = True) -> list[str]:
+    """Write Q, T, S and the fused step graph (and FPN.onnx with ``loop``); return the roles written."""
     latent = model.config.latent_dim
     x = torch.zeros(2, *input_shape)
     u = torch.zeros(2, latent)
@@ -115,6 +117,12 @@ def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: 
     _export_graph(_SGraph(model), (u,), ["u"], "logits", folder / "S.onnx", opset)
     step_outputs = ["u_next", "residual", "step_norm"]
     _export_graph(_StepGraph(model), (u, u.clone()), ["u", "z"], step_outputs, folder / "step.onnx", opset)
+    roles = ["Q", "T", "S", "step"]
+    if loop:
+        graphs = [onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S")]
+        onnx.save(build_loop_model(*graphs, opset=opset), str(folder / "fpn.onnx"))
+        roles.append("fpn")
+    return roles
 
 
 def build_manifest(
@@ -126,6 +134,7 @@ def build_manifest(
     tol: float,
     max_iter: int,
     opset: int,
+    roles: list[str],
 ) -> dict[str, Any]:
     spec = dataset_spec(cfg.dataset)
     metrics = payload.get("metrics", {})
@@ -133,9 +142,7 @@ def build_manifest(
         "format": FORMAT,
         "name": name,
         "version": "1",
-        "graphs": {
-            role: {"file": f"{role}.onnx", "sha256": sha256_file(folder / f"{role}.onnx")} for role in ("Q", "T", "S")
-        },
+        "graphs": {role: {"file": f"{role}.onnx", "sha256": sha256_file(folder / f"{role}.onnx")} for role in roles},
         "input": {
             "shape": list(spec.input_shape),
             "dtype": "float32",
@@ -186,7 +193,12 @@ def check_parity(model: FPN, engine: Engine, x: np.ndarray, tol: float, max_iter
     onnx_fixed = engine.classify_fixed(x, fixed_iters).logits
     gap = float(np.abs(onnx_fixed - torch_fixed).max())
     torch_logits, torch_info = model(xt, tol, max_iter)
-    onnx_res = engine.classify(x, tol=tol, max_iter=max_iter)
+    onnx_res = engine.classify(x, tol=tol, max_iter=max_iter)  # the single-graph loop where there is one
+    three_graph = engine.decode(engine.solve(engine.encode(x), tol, max_iter), tol)
+    if not np.array_equal(three_graph.iterations, onnx_res.iterations) or not np.allclose(
+        three_graph.logits, onnx_res.logits, rtol=0, atol=LOGIT_ATOL
+    ):
+        raise ExportError("the single-graph FPN.onnx loop and the three-graph loop disagree")
     disagree = int((torch_logits.argmax(1).numpy() != onnx_res.labels).sum())
     iteration_gap = int(np.abs(onnx_res.iterations - torch_info.iterations.numpy()).max())
     if gap > LOGIT_ATOL or disagree:
@@ -247,8 +259,8 @@ def export(args: argparse.Namespace) -> Path:
         tol = args.tol if args.tol is not None else cfg.tol
         max_iter = args.max_iter if args.max_iter is not None else max(100, cfg.max_iter)
         log.info("exporting %s (%d parameters) to ONNX opset %d", model.config.arch, model.num_parameters(), args.opset)
-        write_graphs(model, spec.input_shape, staging, args.opset)
-        manifest = build_manifest(name, model, cfg, payload, staging, tol, max_iter, args.opset)
+        roles = write_graphs(model, spec.input_shape, staging, args.opset, loop=args.loop)
+        manifest = build_manifest(name, model, cfg, payload, staging, tol, max_iter, args.opset, roles)
         Manifest.from_dict(manifest)  # the serving side must accept what we write
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
@@ -269,6 +281,9 @@ def export(args: argparse.Namespace) -> Path:
                 100 * row["accuracy"],
             )
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        metrics = Path(args.checkpoint).parent / "metrics.jsonl"
+        if metrics.is_file():  # the training history travels with the model
+            shutil.copyfile(metrics, staging / "metrics.jsonl")
         staging.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -307,6 +322,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--parity-images", type=int, default=512, help="test images compared against torch (at least 256)")
     p.add_argument(
         "--calibration-limit", type=int, default=None, help="calibrate on the first N test images (default: all)"
+    )
+    p.add_argument(
+        "--loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also write fpn.onnx: Q, the whole fixed-point loop (ONNX Loop) and S in one graph",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     return p

@@ -78,3 +78,14 @@ def test_bad_inputs_are_refused_with_what_is_allowed(engine: Engine, x: object, 
 def test_bad_parameters_are_refused(engine: Engine, tol: float | None, max_iter: int | None) -> None:
     with pytest.raises(InputError, match="tol must be|max_iter must be"):
         engine.classify(np.zeros((1, 1, 28, 28), np.float32), tol=tol, max_iter=max_iter)
+
+
+def test_single_graph_loop_matches_the_three_graph_loop(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x = digits[0][:256]
+    assert "fpn" in engine.manifest.graphs  # the shipped model carries fpn.onnx
+    for tol in (1e-1, 1e-4, 1e-6):
+        single = engine.classify(x, tol=tol, max_iter=100)  # one ONNX Runtime call (Loop)
+        three = engine.decode(engine.solve(engine.encode(x), tol, 100), tol)  # Python loop over T
+        np.testing.assert_array_equal(single.iterations, three.iterations)
+        np.testing.assert_allclose(single.logits, three.logits, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(single.error_bounds, three.error_bounds, rtol=1e-4, atol=1e-7)

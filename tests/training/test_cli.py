@@ -83,7 +83,15 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(trained: Path) ->
 
 @pytest.mark.slow
 def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained: Path, mnist_root: Path) -> None:
-    assert sorted(p.name for p in exported.iterdir()) == ["Q.onnx", "S.onnx", "T.onnx", "manifest.json", "step.onnx"]
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "Q.onnx",
+        "S.onnx",
+        "T.onnx",
+        "fpn.onnx",
+        "manifest.json",
+        "metrics.jsonl",
+        "step.onnx",
+    ]
     manifest = load_manifest(exported)
     assert manifest.name == "tiny" and manifest.input.shape == (1, 28, 28) and manifest.latent_shape == (46,)
     assert 0 < manifest.contraction.gamma <= 0.99 + 1e-6

@@ -1,0 +1,173 @@
+"""Build FPN.onnx: Q, the whole fixed-point iteration (an ONNX Loop) and S in one graph.
+
+Inputs ``x`` [batch, *input_shape], ``tol`` (float scalar) and ``max_iter`` (int64 scalar);
+outputs ``logits``, ``iterations`` (int64 [batch]), ``residual`` and ``step_norm`` (float [batch]).
+The loop body is the exported T graph itself, followed by the per-sample residual; a sample whose
+residual is <= tol is frozen (its iterate, residual and iteration count stop changing) and the
+loop ends when every sample is frozen or after max_iter iterations. That is exactly the
+per-sample contract of the three-graph loop, in one ONNX Runtime call for runtimes (and batch
+sizes) that prefer it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from fpn_serve.solvers import RESIDUAL_EPS
+
+
+def _prefixed(
+    graph: onnx.GraphProto, prefix: str, keep: dict[str, str]
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The graph's nodes and initializers with every name prefixed, except those in ``keep`` (renamed)."""
+
+    def rename(name: str) -> str:
+        if not name:
+            return name
+        return keep.get(name, prefix + name)
+
+    nodes = []
+    for node in graph.node:
+        new = onnx.NodeProto()
+        new.CopyFrom(node)
+        new.name = prefix + (node.name or node.op_type)
+        del new.input[:]
+        new.input.extend(rename(i) for i in node.input)
+        del new.output[:]
+        new.output.extend(rename(o) for o in node.output)
+        nodes.append(new)
+    inits = []
+    for init in graph.initializer:
+        t = onnx.TensorProto()
+        t.CopyFrom(init)
+        t.name = rename(init.name)
+        inits.append(t)
+    return nodes, inits
+
+
+def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Compose the three exported graphs into one model with an ONNX Loop (see the module doc)."""
+    if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
+        raise ValueError("the graphs must not contain control flow of their own")
+    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
+    axes = list(range(1, 1 + len(latent)))
+    f32, i64, b = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+    q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
+    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
+    s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
+
+    def vi(name: str, dtype: int, shape: list[int | str]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    body_nodes = [
+        *t_nodes,
+        helper.make_node("Sub", ["b_un", "b_u"], ["b_d"], name="body/sub"),
+        helper.make_node("ReduceL2", ["b_d", "loop/axes"], ["b_step"], keepdims=0, name="body/step"),
+        helper.make_node("ReduceL2", ["b_un", "loop/axes"], ["b_norm"], keepdims=0, name="body/norm"),
+        helper.make_node("Add", ["b_norm", "loop/eps"], ["b_den"], name="body/den"),
+        helper.make_node("Div", ["b_step", "b_den"], ["b_res"], name="body/res"),
+        helper.make_node("Greater", ["b_res", "tol"], ["b_still"], name="body/still"),
+        helper.make_node("Unsqueeze", ["b_active", "loop/axes"], ["b_act_u"], name="body/act_u"),
+        helper.make_node("Where", ["b_act_u", "b_un", "b_u"], ["b_u_out"], name="body/u"),
+        helper.make_node("Where", ["b_active", "b_res", "b_r"], ["b_r_out"], name="body/r"),
+        helper.make_node("Where", ["b_active", "b_step", "b_s"], ["b_s_out"], name="body/s"),
+        helper.make_node("Cast", ["b_active"], ["b_act_i"], to=i64, name="body/act_i"),
+        helper.make_node("Add", ["b_it", "b_act_i"], ["b_it_out"], name="body/iters"),
+        helper.make_node("And", ["b_active", "b_still"], ["b_active_out"], name="body/active"),
+        helper.make_node("Cast", ["b_active_out"], ["b_act_n"], to=TensorProto.INT32, name="body/act_n"),
+        helper.make_node("ReduceMax", ["b_act_n"], ["b_any"], keepdims=0, name="body/any"),
+        helper.make_node("Cast", ["b_any"], ["b_cond_out"], to=b, name="body/cond"),
+    ]
+    body = helper.make_graph(
+        body_nodes,
+        "fixed_point_body",
+        [
+            vi("b_k", i64, []),
+            vi("b_cond", b, []),
+            vi("b_u", f32, ["batch", *latent]),
+            vi("b_r", f32, ["batch"]),
+            vi("b_s", f32, ["batch"]),
+            vi("b_it", i64, ["batch"]),
+            vi("b_active", b, ["batch"]),
+        ],
+        [
+            vi("b_cond_out", b, []),
+            vi("b_u_out", f32, ["batch", *latent]),
+            vi("b_r_out", f32, ["batch"]),
+            vi("b_s_out", f32, ["batch"]),
+            vi("b_it_out", i64, ["batch"]),
+            vi("b_active_out", b, ["batch"]),
+        ],
+    )
+    outer_nodes = [
+        *q_nodes,
+        helper.make_node("Shape", ["z"], ["loop/zshape"], name="loop/zshape"),
+        helper.make_node("Gather", ["loop/zshape", "loop/zero"], ["loop/batch"], axis=0, name="loop/batch"),
+        helper.make_node(
+            "ConstantOfShape",
+            ["loop/zshape"],
+            ["loop/u0"],
+            value=helper.make_tensor("v", f32, [1], [0.0]),
+            name="loop/u0",
+        ),
+        helper.make_node(
+            "ConstantOfShape",
+            ["loop/batch"],
+            ["loop/inf"],
+            value=helper.make_tensor("v", f32, [1], [np.inf]),
+            name="loop/inf",
+        ),
+        helper.make_node(
+            "ConstantOfShape",
+            ["loop/batch"],
+            ["loop/it0"],
+            value=helper.make_tensor("v", i64, [1], [0]),
+            name="loop/it0",
+        ),
+        helper.make_node(
+            "ConstantOfShape",
+            ["loop/batch"],
+            ["loop/act0"],
+            value=helper.make_tensor("v", b, [1], [1]),
+            name="loop/act0",
+        ),
+        helper.make_node(
+            "Loop",
+            ["max_iter", "loop/true", "loop/u0", "loop/inf", "loop/inf", "loop/it0", "loop/act0"],
+            ["u_final", "residual", "step_norm", "iterations", "loop/active"],
+            body=body,
+            name="loop/fixed_point",
+        ),
+        *s_nodes,
+    ]
+    constants = [
+        numpy_helper.from_array(np.array(axes, np.int64), "loop/axes"),
+        numpy_helper.from_array(np.array([0], np.int64), "loop/zero"),
+        numpy_helper.from_array(np.array(RESIDUAL_EPS, np.float32), "loop/eps"),
+        numpy_helper.from_array(np.array(True), "loop/true"),
+    ]
+    x_type = q.graph.input[0].type
+    logits_type = s.graph.output[0].type
+    graph = helper.make_graph(
+        outer_nodes,
+        "fpn",
+        [
+            helper.make_value_info("x", x_type),
+            vi("tol", f32, []),
+            vi("max_iter", i64, []),
+        ],
+        [
+            helper.make_value_info("logits", logits_type),
+            vi("iterations", i64, ["batch"]),
+            vi("residual", f32, ["batch"]),
+            vi("step_norm", f32, ["batch"]),
+        ],
+        [*q_inits, *t_inits, *s_inits, *constants],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fpn-export")
+    model.ir_version = q.ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
