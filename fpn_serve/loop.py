@@ -49,6 +49,8 @@ class StepRunner:
         self._cur = 0  # index of the buffer holding the current iterate
         self._bindings: list[Any] = []
         self._dev: list[Any] = []  # CUDA OrtValues: u0, u1, z
+        # On the CPU the buffers never move, so the bindings for n active rows stay valid: keep them.
+        self._cache: dict[int, list[Any]] = {}
 
     # -- membership --------------------------------------------------------------------------
     def add(self, z: np.ndarray) -> None:
@@ -109,6 +111,9 @@ class StepRunner:
         self._bindings = []
         if n == 0:
             return
+        if not self._cuda and n in self._cache:
+            self._bindings = self._cache[n]
+            return
         shape = (n, *self._latent)
         if self._cuda:
             self._dev = [
@@ -130,3 +135,5 @@ class StepRunner:
                 b.bind_output("residual", "cpu", 0, np.float32, (n,), self._res.ctypes.data)
                 b.bind_output("step_norm", "cpu", 0, np.float32, (n,), self._step.ctypes.data)
             self._bindings.append(b)
+        if not self._cuda:
+            self._cache[n] = self._bindings

@@ -198,30 +198,61 @@ class Scheduler:
             return
         idx = np.flatnonzero(done)
         u_done = self._runner.current(done)
-        finished: list[_Request] = []
-        for j, i in enumerate(idx):
-            req = self._owner[i]
-            row = self._row[i]
+        finished: list[tuple[_Request, int]] = []
+        owners = self._owner
+        rows = self._row[idx]
+        for j, i in enumerate(idx.tolist()):
+            req = owners[i]
+            row = rows[j]
             req.u[row] = u_done[j]
             req.iterations[row] = iters[i]
             req.residuals[row] = r[i]
             req.steps[row] = st[i]
             req.remaining -= 1
             if req.remaining == 0:
-                finished.append(req)
+                finished.append((req, req.x.shape[0]))
         keep = ~done
-        self._owner = [o for o, k in zip(self._owner, keep, strict=True) if k]
+        self._owner = [o for o, k in zip(owners, keep.tolist(), strict=True) if k]
         m = len(self._owner)
         for arr in (self._row, self._tol, self._max_iter, self._deadline, self._iters):
             arr[:m] = arr[:n][keep]
         self._runner.keep(keep)
-        for req in finished:
-            out = SolveOutput(req.u, req.iterations, req.residuals, req.steps)
-            try:
-                req.future.set_result(self.engine.decode(out, req.tol))
-            except Exception as exc:
+        if finished:
+            self._answer(finished)
+
+    def _answer(self, finished: list[tuple[_Request, int]]) -> None:
+        """S for every finished request in one run, then each caller gets its own slice."""
+        reqs = [r for r, _ in finished]
+        out = SolveOutput(
+            np.concatenate([r.u for r in reqs]),
+            np.concatenate([r.iterations for r in reqs]),
+            np.concatenate([r.residuals for r in reqs]),
+            np.concatenate([r.steps for r in reqs]),
+        )
+        tols = np.concatenate([np.full(n, r.tol, np.float32) for r, n in finished])
+        try:
+            result = self.engine.decode(out, tols)
+        except Exception as exc:
+            for req in reqs:
                 req.future.set_exception(exc)
-            self.stats["answered"] += 1
+            return
+        start = 0
+        for req, n in finished:
+            sl = slice(start, start + n)
+            start += n
+            req.future.set_result(
+                ClassifyResult(
+                    labels=result.labels[sl],
+                    probabilities=result.probabilities[sl],
+                    logits=result.logits[sl],
+                    iterations=result.iterations[sl],
+                    residuals=result.residuals[sl],
+                    converged=result.converged[sl],
+                    error_bounds=result.error_bounds[sl],
+                    names=result.names,
+                )
+            )
+        self.stats["answered"] += len(finished)
 
     def _fail_all(self, exc: Exception) -> None:
         with self._cond:
