@@ -152,7 +152,18 @@ class Engine:
             except Exception as exc:
                 raise ModelError(f"{model_dir}: {ref.file} does not load in ONNX Runtime: {exc}") from exc
         _check_signatures(manifest, sessions, model_dir)
-        return cls(manifest, sessions, model_dir, chosen, max_iter_cap)
+        engine = cls(manifest, sessions, model_dir, chosen, max_iter_cap)
+        engine._warm_up()
+        return engine
+
+    def _warm_up(self) -> None:
+        """Run every path once, so that the first request does not pay ONNX Runtime's first-run costs."""
+        x = np.zeros((1, *self.manifest.input.shape), np.float32)
+        try:
+            self.classify(x, max_iter=2)
+            self.decode(self.solve(self.encode(x), 0.0, 2), 0.0)
+        except Exception as exc:
+            raise ModelError(f"{self.model_dir}: the graphs fail on a zero input: {exc}") from exc
 
     @property
     def name(self) -> str:
