@@ -268,9 +268,15 @@ class Engine:
             iterations=iterations,
             residuals=residuals,
             converged=residuals <= tol,
-            error_bounds=(steps * self._bound_factor).astype(np.float32),
+            error_bounds=self._error_bounds(steps),
             names=self.manifest.labels,
         )
+
+    def _error_bounds(self, steps: np.ndarray) -> np.ndarray:
+        if math.isinf(self._bound_factor):  # no certificate (gamma >= 1): no finite bound
+            return np.full(steps.shape, np.inf, np.float32)
+        bounds: np.ndarray = (steps * self._bound_factor).astype(np.float32)
+        return bounds
 
     # -- the three stages, public so that a scheduler can interleave them -------------------
     def encode(self, x: np.ndarray) -> np.ndarray:
