@@ -1,0 +1,162 @@
+"""GPU check and timings of the engine on the CUDA execution provider (run by benchmarks/gpu.sh).
+
+1. Correctness: the CUDA engine against the CPU engine on the same inputs (labels, iterations,
+   logits), for the single-graph path (fpn.onnx, an ONNX Loop) and the three-graph loop.
+2. Latency at batch 1 (median) and throughput at batch 1 .. 4096 for: a plain ``session.run``
+   loop over T.onnx (numpy in and out, what a user writes), the engine's IOBinding loop
+   (device-resident ping-pong buffers, fused step graph), the single-graph Loop, and the step
+   graph replayed as a CUDA graph (fixed batch, every buffer bound on the device).
+
+Prints a table and writes benchmarks/results/gpu.json (or $OUT/gpu.json when OUT is set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import onnxruntime as ort  # noqa: E402
+
+if hasattr(ort, "preload_dlls"):
+    ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where present
+
+from fpn_serve import Engine  # noqa: E402
+
+
+def med(fn: Any, repeats: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    from PIL import Image
+
+    from fpn_serve.preprocess import image_to_input
+
+    rng = np.random.default_rng(seed)
+    spec = Engine.load(REPO / "models" / "mnist", device="cpu").manifest.input
+    digits = [image_to_input(Image.open(REPO / "examples" / f), spec) for f in ("seven.png", "two.png")]
+    base = np.stack(digits)
+    idx = rng.integers(0, len(base), n)
+    return (base[idx] + 0.3 * rng.standard_normal((n, *spec.shape))).astype(np.float32)
+
+
+def plain_loop(sess_t: ort.InferenceSession, z: np.ndarray, iters: int) -> np.ndarray:
+    u = np.zeros_like(z)
+    for _ in range(iters):
+        u = sess_t.run(["u_next"], {"u": u, "z": z})[0]
+    return u
+
+
+def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int) -> tuple[float, np.ndarray]:
+    """Replay the step graph as a CUDA graph for ``iters`` iterations; seconds per iteration."""
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(
+        str(model_dir / "step.onnx"),
+        so,
+        providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"],
+    )
+    n = z.shape[0]
+    u = [ort.OrtValue.ortvalue_from_numpy(np.zeros_like(z), "cuda", 0) for _ in range(2)]
+    zz = ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0)
+    res = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    step = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    bindings = []
+    for src in (0, 1):
+        b = sess.io_binding()
+        b.bind_ortvalue_input("u", u[src])
+        b.bind_ortvalue_input("z", zz)
+        b.bind_ortvalue_output("u_next", u[1 - src])
+        b.bind_ortvalue_output("residual", res)
+        b.bind_ortvalue_output("step_norm", step)
+        bindings.append(b)
+    # CUDA graphs replay one captured sequence: run with a fixed binding, copying back each time
+    for _ in range(3):
+        sess.run_with_iobinding(bindings[0])
+    started = time.perf_counter()
+    for _ in range(iters):
+        sess.run_with_iobinding(bindings[0])
+        res.numpy()  # the stopping rule needs the residuals on the host every iteration
+    per_iter = (time.perf_counter() - started) / iters
+    return per_iter, u[1].numpy()
+
+
+def main() -> None:
+    model_dir = REPO / "models" / "mnist"
+    out_dir = Path(os.environ.get("OUT", REPO / "benchmarks" / "results"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"python": platform.python_version(), "onnxruntime": ort.__version__}
+    try:
+        import torch
+
+        report["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    except ImportError:
+        report["gpu"] = None
+    print("onnxruntime", ort.__version__, ort.get_available_providers(), "gpu:", report["gpu"], flush=True)
+
+    cpu = Engine.load(model_dir, device="cpu")
+    gpu = Engine.load(model_dir, device=os.environ.get("FPN_GPU_DEVICE", "cuda"))  # cpu: a dry run
+    print("engine device:", gpu.device, flush=True)
+
+    # 1. correctness
+    x = inputs(1024)
+    checks = {}
+    for name, run in {
+        "single_graph": lambda e: e.classify(x, tol=1e-4),
+        "three_graph": lambda e: e.decode(e.solve(e.encode(x), 1e-4, 100), 1e-4),
+    }.items():
+        a, b = run(cpu), run(gpu)
+        checks[name] = {
+            "labels_equal": float((a.labels == b.labels).mean()),
+            "iterations_equal": float((a.iterations == b.iterations).mean()),
+            "max_logit_gap": float(np.abs(a.logits - b.logits).max()),
+        }
+        print(name, checks[name], flush=True)
+    report["correctness"] = checks
+
+    # 2. latency at batch 1 and throughput at batch 1 .. 4096 (fixed 10 iterations)
+    rows = []
+    t_sess = gpu._t
+    for batch in (1, 16, 256, 1024, 4096):
+        xb = inputs(batch, seed=batch)
+        z = gpu.encode(xb)
+        reps = 200 if batch <= 16 else 30
+        row: dict[str, Any] = {"batch": batch}
+        row["plain_session_run_loop_ms"] = 1e3 * med(lambda z=z: plain_loop(t_sess, z, 10), reps)
+        row["engine_iobinding_loop_ms"] = 1e3 * med(lambda z=z: gpu.solve(z, -1.0, 10), reps)
+        row["single_graph_loop_ms"] = 1e3 * med(lambda xb=xb: gpu.classify(xb, tol=0.0, max_iter=10), reps)
+        row["engine_classify_tol1e-4_ms"] = 1e3 * med(lambda xb=xb: gpu.classify(xb, tol=1e-4), reps)
+        row["cpu_classify_tol1e-4_ms"] = 1e3 * med(lambda xb=xb: cpu.classify(xb, tol=1e-4), max(reps // 10, 3))
+        try:
+            per_iter, _ = cuda_graph_step(model_dir, z, 200)
+            row["cuda_graph_step_us_per_iter"] = 1e6 * per_iter
+        except Exception as exc:
+            row["cuda_graph_step_us_per_iter"] = f"failed: {exc}"[:200]
+        row["throughput_classify_per_s"] = batch / (row["engine_classify_tol1e-4_ms"] / 1e3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report["timings"] = rows
+    (out_dir / "gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out_dir / 'gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()
