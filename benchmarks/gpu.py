@@ -72,7 +72,7 @@ def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int) -> tuple[float, 
     sess = ort.InferenceSession(
         str(model_dir / "step.onnx"),
         so,
-        providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1"}), "CPUExecutionProvider"],
+        providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1", "use_tf32": "0"}), "CPUExecutionProvider"],
     )
     n = z.shape[0]
     u = [ort.OrtValue.ortvalue_from_numpy(np.zeros_like(z), "cuda", 0) for _ in range(2)]
