@@ -130,7 +130,7 @@ class ModelInfo(BaseModel):
     gamma: float
     default_tol: float
     default_max_iter: int
-    calibration: list[dict[str, Any]]
+    calibration: dict[str, Any]
 
 
 class ErrorResponse(BaseModel):
@@ -339,7 +339,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
                 gamma=e.manifest.contraction.gamma,
                 default_tol=e.manifest.solver.tol,
                 default_max_iter=e.manifest.solver.max_iter,
-                calibration=list(e.manifest.calibration),
+                calibration=e.manifest.calibration,
             )
             for e in registry.engines.values()
         ]

@@ -71,7 +71,12 @@ class Manifest:
     format: str = FORMAT
     version: str = "1"
     provenance: dict[str, Any] = field(default_factory=dict)
-    calibration: tuple[dict[str, Any], ...] = ()
+    calibration: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precision_name(self) -> str:
+        return str(self.precision.get("name", "fp32"))
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
@@ -123,9 +128,9 @@ class Manifest:
             max_iter = sol.get("max_iter")
             if not isinstance(max_iter, int) or max_iter < 1:
                 raise ModelError("solver.max_iter must be an integer >= 1")
-            calibration = data.get("calibration", [])
-            if not isinstance(calibration, list):
-                raise ModelError("calibration must be a list")
+            calibration = data.get("calibration", {})
+            if not isinstance(calibration, dict):
+                raise ModelError("calibration must be an object")
             provenance = data.get("provenance", {})
             if not isinstance(provenance, dict):
                 raise ModelError("provenance must be an object")
@@ -140,7 +145,8 @@ class Manifest:
                 format=fmt,
                 version=str(data.get("version", "1")),
                 provenance=provenance,
-                calibration=tuple(calibration),
+                calibration=calibration,
+                precision=_optional_obj(data, "precision"),
             )
         except (TypeError, ValueError) as exc:  # a value of the wrong JSON type
             raise ModelError(f"manifest is malformed: {exc}") from exc
@@ -148,6 +154,13 @@ class Manifest:
 
 def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:
     v = d.get(key)
+    if not isinstance(v, dict):
+        raise ModelError(f"manifest field {key!r} must be an object")
+    return v
+
+
+def _optional_obj(d: dict[str, Any], key: str) -> dict[str, Any]:
+    v = d.get(key, {})
     if not isinstance(v, dict):
         raise ModelError(f"manifest field {key!r} must be an object")
     return v

@@ -16,7 +16,6 @@ import logging
 import shutil
 import sys
 import tempfile
-import time
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -27,20 +26,32 @@ import onnx
 import torch
 from torch import nn
 
-from fpn_serve import Engine, __version__
-from fpn_serve.manifest import FORMAT, Manifest, sha256_file
-from fpn_serve.solvers import RESIDUAL, RESIDUAL_EPS
+from fpn_serve import Engine, ModelError, __version__
+from fpn_serve.manifest import FORMAT, Manifest, load_manifest, sha256_file
+from fpn_serve.solvers import RESIDUAL
 
+from .calibrate import calibrate, model_card, plot
+from .certify import measure_contraction
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .data import DataError, dataset_spec, load_split
 from .fpn import FPN
-from .loop_graph import build_loop_model
+from .loop_graph import build_loop_model, build_step_model
+from .precision import PRECISIONS
+from .precision import convert as convert_precision
 
 log = logging.getLogger("fpn-export")
 
-CALIBRATION_TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 LOGIT_ATOL = 1e-4
+GRAPH_FILES = {"fpn": "FPN.onnx"}  # other roles: ROLE.onnx
+PRECISION_NOTES = {
+    "fp16": "Q, T and S in float16 with float32 inputs and outputs (onnxconverter-common)",
+    "int8": "Q with dynamic int8 weights (onnxruntime.quantization); T and S in float32",
+}
+
+
+def graph_file(role: str) -> str:
+    return GRAPH_FILES.get(role, f"{role}.onnx")
 
 
 class ExportError(RuntimeError):
@@ -68,15 +79,6 @@ class _TGraph(nn.Module):
         return self.t.apply_with(self.weight, u, z)
 
 
-class _StepGraph(_TGraph):
-    """T with the residual fused in: (u, z) -> (u_next, residual, step_norm), one run per iteration."""
-
-    def forward(self, u: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # type: ignore[override]
-        u_next = self.t.apply_with(self.weight, u, z)
-        step = (u_next - u).flatten(1).norm(dim=1)
-        return u_next, step / (u_next.flatten(1).norm(dim=1) + RESIDUAL_EPS), step
-
-
 class _SGraph(nn.Module):
     def __init__(self, model: FPN) -> None:
         super().__init__()
@@ -87,41 +89,63 @@ class _SGraph(nn.Module):
 
 
 def _export_graph(
-    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], output: str | list[str], path: Path, opset: int
+    module: nn.Module, args: tuple[torch.Tensor, ...], names: list[str], output: str, path: Path, opset: int
 ) -> None:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     dynamic = {name: {0: batch} for name in names}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            args,
-            str(path),
-            input_names=names,
-            output_names=[output] if isinstance(output, str) else output,
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                input_names=names,
+                output_names=[output],
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx cannot export {path.stem} at opset {opset}: {str(exc).splitlines()[0]}") from exc
 
 
-def write_graphs(model: FPN, input_shape: tuple[int, ...], folder: Path, opset: int, loop: bool = True) -> list[str]:
-    """Write Q, T, S and the fused step graph (and FPN.onnx with ``loop``); return the roles written."""
+def _finish_graph(path: Path, name: str, role: str, opset: int) -> None:
+    """Strip what varies between runs, stamp provenance metadata, and run the full ONNX checker."""
+    model = onnx.load(str(path))
+    model.doc_string = ""
+    model.graph.doc_string = ""
+    for node in model.graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+    del model.metadata_props[:]
+    meta = {"fpn.model": name, "fpn.role": role, "fpn.format": FORMAT, "fpn.opset": str(opset)}
+    onnx.helper.set_model_props(model, meta)
+    model.producer_name, model.producer_version = "fpn-export", __version__
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def write_graphs(
+    model: FPN, input_shape: tuple[int, ...], folder: Path, name: str, opset: int, precision: str, loop: bool
+) -> list[str]:
+    """Write Q, T, S (in ``precision``), step.onnx and, with ``loop``, FPN.onnx; return the roles."""
     latent = model.config.latent_dim
     x = torch.zeros(2, *input_shape)
     u = torch.zeros(2, latent)
     _export_graph(_QGraph(model), (x,), ["x"], "z", folder / "Q.onnx", opset)
     _export_graph(_TGraph(model), (u, u.clone()), ["u", "z"], "u_next", folder / "T.onnx", opset)
     _export_graph(_SGraph(model), (u,), ["u"], "logits", folder / "S.onnx", opset)
-    step_outputs = ["u_next", "residual", "step_norm"]
-    _export_graph(_StepGraph(model), (u, u.clone()), ["u", "z"], step_outputs, folder / "step.onnx", opset)
+    convert_precision(folder, precision)
+    q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
+    onnx.save(build_step_model(t), str(folder / "step.onnx"))
     roles = ["Q", "T", "S", "step"]
     if loop:
-        graphs = [onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S")]
-        onnx.save(build_loop_model(*graphs, opset=opset), str(folder / "fpn.onnx"))
+        onnx.save(build_loop_model(q, t, s), str(folder / graph_file("fpn")))
         roles.append("fpn")
+    for role in roles:
+        _finish_graph(folder / graph_file(role), name, role, opset)
     return roles
 
 
@@ -135,6 +159,7 @@ def build_manifest(
     max_iter: int,
     opset: int,
     roles: list[str],
+    precision: str,
 ) -> dict[str, Any]:
     spec = dataset_spec(cfg.dataset)
     metrics = payload.get("metrics", {})
@@ -142,7 +167,9 @@ def build_manifest(
         "format": FORMAT,
         "name": name,
         "version": "1",
-        "graphs": {role: {"file": f"{role}.onnx", "sha256": sha256_file(folder / f"{role}.onnx")} for role in roles},
+        "graphs": {
+            role: {"file": graph_file(role), "sha256": sha256_file(folder / graph_file(role))} for role in roles
+        },
         "input": {
             "shape": list(spec.input_shape),
             "dtype": "float32",
@@ -160,6 +187,7 @@ def build_manifest(
         },
         "solver": {"tol": tol, "max_iter": max_iter, "residual": RESIDUAL, "start": "u = 0"},
         "opset": opset,
+        "precision": {"name": precision},
         "provenance": {
             "dataset": cfg.dataset,
             "architecture": model.config.arch,
@@ -171,7 +199,7 @@ def build_manifest(
             "checkpoint_test_accuracy": metrics.get("test_accuracy"),
             "exporter": f"fpn-export {__version__}, torch {torch.__version__}, onnx {onnx.__version__}",
         },
-        "calibration": [],
+        "calibration": {},
     }
 
 
@@ -215,34 +243,6 @@ def check_parity(model: FPN, engine: Engine, x: np.ndarray, tol: float, max_iter
     }
 
 
-def calibrate(engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, batch: int = 1000) -> list[dict[str, Any]]:
-    """tol -> mean / p99 iterations, accuracy and converged fraction on (x, y), via fpn_serve."""
-    rows = []
-    for tol in CALIBRATION_TOLS:
-        iters, correct, conv = [], 0, 0
-        started = time.perf_counter()
-        for i in range(0, len(x), batch):
-            res = engine.classify(x[i : i + batch], tol=tol, max_iter=max_iter)
-            iters.append(res.iterations)
-            correct += int((res.labels == y[i : i + batch]).sum())
-            conv += int(res.converged.sum())
-        it = np.concatenate(iters)
-        rows.append(
-            {
-                "tol": tol,
-                "max_iter": max_iter,
-                "images": len(x),
-                "mean_iterations": round(float(it.mean()), 3),
-                "p99_iterations": int(np.percentile(it, 99)),
-                "max_iterations": int(it.max()),
-                "accuracy": correct / len(x),
-                "converged_fraction": conv / len(x),
-                "ms_per_input_batch1000": round(1000 * (time.perf_counter() - started) / len(x), 4),
-            }
-        )
-    return rows
-
-
 def export(args: argparse.Namespace) -> Path:
     model, cfg, payload = load_checkpoint(args.checkpoint)
     out = Path(args.out)
@@ -252,35 +252,82 @@ def export(args: argparse.Namespace) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        fp32_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.fp32.", dir=out.parent))
     except OSError as exc:
         raise ExportError(f"cannot write into {out.parent}: {exc.strerror or exc}") from exc
     try:
         spec = dataset_spec(cfg.dataset)
         tol = args.tol if args.tol is not None else cfg.tol
         max_iter = args.max_iter if args.max_iter is not None else max(100, cfg.max_iter)
-        log.info("exporting %s (%d parameters) to ONNX opset %d", model.config.arch, model.num_parameters(), args.opset)
-        roles = write_graphs(model, spec.input_shape, staging, args.opset, loop=args.loop)
-        manifest = build_manifest(name, model, cfg, payload, staging, tol, max_iter, args.opset, roles)
-        Manifest.from_dict(manifest)  # the serving side must accept what we write
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-
         test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=args.calibration_limit)
-        x = test.normalise(test.images).numpy()
-        y = test.labels.numpy()
-        engine = Engine.load(staging, device="cpu")
-        parity = check_parity(model, engine, x[: args.parity_images], tol, max_iter)
+        x, y = test.normalise(test.images).numpy(), test.labels.numpy()
+        log.info("exporting %s (%d parameters) to ONNX opset %d", model.config.arch, model.num_parameters(), args.opset)
+
+        # The float32 graphs first: they must match torch before anything else happens.
+        roles = write_graphs(model, spec.input_shape, fp32_dir, name, args.opset, "fp32", args.loop)
+        manifest = build_manifest(name, model, cfg, payload, fp32_dir, tol, max_iter, args.opset, roles, "fp32")
+        _write_manifest(fp32_dir, manifest)
+        fp32 = _load_engine(fp32_dir)
+        parity = check_parity(model, fp32, x[: args.parity_images], tol, max_iter)
         log.info("parity: %d images, max logit gap %.2e, all labels agree", parity["images"], parity["max_logit_gap"])
+
+        if args.precision == "fp32":
+            shutil.rmtree(staging)
+            fp32_dir.rename(staging)
+            engine = fp32
+        else:
+            roles = write_graphs(model, spec.input_shape, staging, name, args.opset, args.precision, args.loop)
+            manifest = build_manifest(
+                name, model, cfg, payload, staging, tol, max_iter, args.opset, roles, args.precision
+            )
+            _write_manifest(staging, manifest)
+            engine = _load_engine(staging)
+            reference = float((fp32.classify(x, tol=tol, max_iter=max_iter).labels == y).mean())
+            accuracy = float((engine.classify(x, tol=tol, max_iter=max_iter).labels == y).mean())
+            manifest["precision"].update(
+                {
+                    "converted": PRECISION_NOTES[args.precision],
+                    "accuracy": accuracy,
+                    "accuracy_fp32": reference,
+                    "accuracy_difference": accuracy - reference,
+                    "at_tol": tol,
+                }
+            )
+            log.info("%s: accuracy %.2f %% (fp32 %.2f %%)", args.precision, 100 * accuracy, 100 * reference)
         manifest["parity"] = parity
+
+        certificate = measure_contraction(engine, x[: args.certify_images])
+        manifest["contraction"]["empirical"] = certificate
+        log.info(
+            "contraction: bound %.4f, measured %.4f", manifest["contraction"]["gamma"], certificate["measured_factor"]
+        )
+        if certificate["measured_factor"] >= 1.0 and not args.allow_non_contractive:
+            raise ExportError(
+                f"the exported T is not a contraction: measured factor {certificate['measured_factor']:.4f} >= 1 "
+                "(pass --allow-non-contractive to export it anyway)"
+            )
+
         manifest["calibration"] = calibrate(engine, x, y, max_iter)
-        for row in manifest["calibration"]:
+        if args.tol is None:
+            # A lower precision cannot reach every tolerance (fp16 stalls near 1e-3): default to the
+            # tightest calibrated tolerance at or above the training one that still converges.
+            ok = [r["tol"] for r in manifest["calibration"]["tolerances"] if r["converged_fraction"] >= 0.99]
+            reachable = [t for t in ok if t >= tol]
+            if tol not in ok and reachable:
+                log.info("default tol %g does not converge at %s; using %g", tol, args.precision, min(reachable))
+                manifest["solver"]["tol"] = min(reachable)
+        for row in manifest["calibration"]["tolerances"]:
             log.info(
-                "tol %-7g mean iterations %6.2f  p99 %3d  accuracy %.2f %%",
+                "tol %-7g mean iterations %6.2f  p99 %3d  accuracy %.2f %%  %.0f us at batch 1",
                 row["tol"],
                 row["mean_iterations"],
                 row["p99_iterations"],
                 100 * row["accuracy"],
+                row["latency_us_batch1"],
             )
-        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _write_manifest(staging, manifest)
+        plot(manifest["calibration"], f"{name} ({manifest['precision']['name']})", staging / "calibration.png")
+        model_card(manifest, staging / "README.md")
         metrics = Path(args.checkpoint).parent / "metrics.jsonl"
         if metrics.is_file():  # the training history travels with the model
             shutil.copyfile(metrics, staging / "metrics.jsonl")
@@ -291,8 +338,68 @@ def export(args: argparse.Namespace) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        shutil.rmtree(fp32_dir, ignore_errors=True)
     log.info("wrote %s", out)
     return out
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    Manifest.from_dict(manifest)  # the serving side must accept what we write
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _load_engine(folder: Path) -> Engine:
+    try:
+        return Engine.load(folder, device="cpu")
+    except ModelError as exc:
+        raise ExportError(f"ONNX Runtime cannot run the exported graphs: {exc}") from exc
+
+
+def verify(folder: Path, checkpoint: str | None, data_root: Path, parity_images: int) -> list[str]:
+    """Re-check a model folder; return the problems found (empty when it is sound)."""
+    problems: list[str] = []
+    try:
+        manifest = load_manifest(folder)  # format, fields, sha256 of every graph
+    except ModelError as exc:
+        return [str(exc)]
+    log.info("manifest and sha256 of %d graphs: ok", len(manifest.graphs))
+    for role, ref in manifest.graphs.items():
+        try:
+            graph = onnx.load(str(folder / ref.file))
+            onnx.checker.check_model(graph, full_check=True)
+        except Exception as exc:
+            problems.append(f"{ref.file}: onnx.checker: {str(exc).splitlines()[0]}")
+            continue
+        meta = {p.key: p.value for p in graph.metadata_props}
+        if meta.get("fpn.role", role) != role or meta.get("fpn.model", manifest.name) != manifest.name:
+            problems.append(
+                f"{ref.file}: its metadata says role {meta.get('fpn.role')!r} of model "
+                f"{meta.get('fpn.model')!r}; the manifest says role {role!r} of {manifest.name!r}"
+            )
+    try:
+        engine = Engine.load(folder, device="cpu")  # I/O names, shapes, a first run
+    except ModelError as exc:
+        return [*problems, str(exc)]
+    log.info("onnx.checker, metadata, ONNX Runtime signatures: %s", "ok" if not problems else "see below")
+    x = np.random.default_rng(0).standard_normal((64, *manifest.input.shape)).astype(np.float32)
+    one = engine.classify(x, tol=1e-4)
+    three = engine.decode(engine.solve(engine.encode(x), 1e-4, manifest.solver.max_iter), 1e-4)
+    if not np.array_equal(one.iterations, three.iterations) or not np.allclose(one.logits, three.logits, atol=1e-4):
+        problems.append("FPN.onnx and the three-graph loop disagree")
+    if checkpoint is not None:
+        try:
+            model, cfg, _ = load_checkpoint(checkpoint)
+            test = load_split(cfg.dataset, data_root, train=False, limit=parity_images)
+            xt = test.normalise(test.images).numpy()
+            if manifest.precision_name == "fp32":
+                parity = check_parity(model, engine, xt, manifest.solver.tol, manifest.solver.max_iter)
+                log.info("parity with %s: max logit gap %.2e", checkpoint, parity["max_logit_gap"])
+            else:
+                log.info("parity with torch skipped: the graphs are %s", manifest.precision_name)
+        except (ExportError, CheckpointError, DataError) as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -304,11 +411,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("checkpoint", help="OUT/checkpoint.pt written by fpn-train")
-    p.add_argument("--out", required=True, help="model folder to write, e.g. models/mnist")
+    p.add_argument("checkpoint", nargs="?", help="OUT/checkpoint.pt written by fpn-train")
+    p.add_argument("--out", help="model folder to write, e.g. models/mnist")
+    p.add_argument(
+        "--verify",
+        metavar="MODEL_DIR",
+        help="re-check a model folder (checker, sha256, metadata, shapes; parity when CHECKPOINT is given)",
+    )
     p.add_argument("--name", default=None, help="model name in the manifest (default: the folder's name)")
     p.add_argument("--data-root", default="data", help="dataset folder for the parity check and calibration")
-    p.add_argument("--precision", default="fp32", choices=["fp32"], help="numeric precision of the graphs")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="numeric precision of the graphs")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the graphs")
     p.add_argument(
         "--tol", type=float, default=None, help="default tolerance in the manifest (default: the training tol)"
@@ -327,7 +439,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--loop",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also write fpn.onnx: Q, the whole fixed-point loop (ONNX Loop) and S in one graph",
+        help="also write FPN.onnx: Q, the whole fixed-point loop (ONNX Loop) and S in one graph",
+    )
+    p.add_argument("--certify-images", type=int, default=256, help="test images for the empirical contraction check")
+    p.add_argument(
+        "--allow-non-contractive",
+        action="store_true",
+        help="export even if the measured contraction factor of T is >= 1",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     return p
@@ -336,6 +454,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.verify is None and (args.checkpoint is None or args.out is None):
+        parser.error("give a CHECKPOINT and --out MODEL_DIR to export, or --verify MODEL_DIR to check a folder")
     if args.parity_images < 256:
         parser.error(f"--parity-images must be at least 256, got {args.parity_images}")
     if args.tol is not None and not 0 < args.tol <= 1:
@@ -349,6 +469,13 @@ def cli(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for name in ("fpn-export", "fpn_serve"):
         logging.getLogger(name).setLevel(logging.INFO)
+    if args.verify is not None:
+        problems = verify(Path(args.verify), args.checkpoint, Path(args.data_root), args.parity_images)
+        for problem in problems:
+            print(f"fpn-export: {args.verify}: {problem}", file=sys.stderr)
+        if not problems:
+            log.info("%s: every check passed", args.verify)
+        return 1 if problems else 0
     try:
         export(args)
     except (ExportError, CheckpointError, DataError, OSError) as exc:

@@ -1,4 +1,7 @@
-"""Build FPN.onnx: Q, the whole fixed-point iteration (an ONNX Loop) and S in one graph.
+"""Graphs composed from the exported Q, T and S at the ONNX level, for any precision.
+
+``build_step_model``: step.onnx, T with the per-sample residual fused in.
+``build_loop_model``: FPN.onnx, Q, the whole fixed-point iteration (an ONNX Loop) and S in one graph.
 
 Inputs ``x`` [batch, *input_shape], ``tol`` (float scalar) and ``max_iter`` (int64 scalar);
 outputs ``logits``, ``iterations`` (int64 [batch]), ``residual`` and ``step_norm`` (float [batch]).
@@ -29,10 +32,10 @@ def _prefixed(
         return keep.get(name, prefix + name)
 
     nodes = []
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
         new = onnx.NodeProto()
         new.CopyFrom(node)
-        new.name = prefix + (node.name or node.op_type)
+        new.name = f"{prefix}{i}/{node.name or node.op_type}"  # unique even where names were empty
         del new.input[:]
         new.input.extend(rename(i) for i in node.input)
         del new.output[:]
@@ -47,7 +50,50 @@ def _prefixed(
     return nodes, inits
 
 
-def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+def _residual_nodes(u_next: str, u: str, prefix: str, residual: str, step: str) -> list[onnx.NodeProto]:
+    """Per-sample step ||u_next - u|| and residual step / (||u_next|| + eps) (see fpn_serve.solvers)."""
+    return [
+        helper.make_node("Sub", [u_next, u], [prefix + "d"], name=prefix + "sub"),
+        helper.make_node("ReduceL2", [prefix + "d", "loop/axes"], [step], keepdims=0, name=prefix + "step"),
+        helper.make_node("ReduceL2", [u_next, "loop/axes"], [prefix + "norm"], keepdims=0, name=prefix + "norm"),
+        helper.make_node("Add", [prefix + "norm", "loop/eps"], [prefix + "den"], name=prefix + "den"),
+        helper.make_node("Div", [step, prefix + "den"], [residual], name=prefix + "res"),
+    ]
+
+
+def _constants(latent_rank: int) -> list[onnx.TensorProto]:
+    return [
+        numpy_helper.from_array(np.arange(1, 1 + latent_rank, dtype=np.int64), "loop/axes"),
+        numpy_helper.from_array(np.array([0], np.int64), "loop/zero"),
+        numpy_helper.from_array(np.array(RESIDUAL_EPS, np.float32), "loop/eps"),
+        numpy_helper.from_array(np.array(True), "loop/true"),
+    ]
+
+
+def build_step_model(t: onnx.ModelProto) -> onnx.ModelProto:
+    """step.onnx: T followed by the per-sample residual, (u, z) -> (u_next, residual, step_norm)."""
+    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
+    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "u", "z": "z", "u_next": "u_next"})
+    f32 = TensorProto.FLOAT
+    consts = _constants(len(latent))
+    graph = helper.make_graph(
+        [*t_nodes, *_residual_nodes("u_next", "u", "r/", "residual", "step_norm")],
+        "step",
+        [helper.make_value_info("u", t.graph.input[0].type), helper.make_value_info("z", t.graph.input[1].type)],
+        [
+            helper.make_value_info("u_next", t.graph.output[0].type),
+            helper.make_tensor_value_info("residual", f32, ["batch"]),
+            helper.make_tensor_value_info("step_norm", f32, ["batch"]),
+        ],
+        [*t_inits, consts[0], consts[2]],
+    )
+    model = helper.make_model(graph, opset_imports=list(t.opset_import), producer_name="fpn-export")
+    model.ir_version = t.ir_version
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> onnx.ModelProto:
     """Compose the three exported graphs into one model with an ONNX Loop (see the module doc)."""
     if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
         raise ValueError("the graphs must not contain control flow of their own")
@@ -64,22 +110,17 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto,
 
     body_nodes = [
         *t_nodes,
-        helper.make_node("Sub", ["b_un", "b_u"], ["b_d"], name="body/sub"),
-        helper.make_node("ReduceL2", ["b_d", "loop/axes"], ["b_step"], keepdims=0, name="body/step"),
-        helper.make_node("ReduceL2", ["b_un", "loop/axes"], ["b_norm"], keepdims=0, name="body/norm"),
-        helper.make_node("Add", ["b_norm", "loop/eps"], ["b_den"], name="body/den"),
-        helper.make_node("Div", ["b_step", "b_den"], ["b_res"], name="body/res"),
-        helper.make_node("Greater", ["b_res", "tol"], ["b_still"], name="body/still"),
+        *_residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
         helper.make_node("Unsqueeze", ["b_active", "loop/axes"], ["b_act_u"], name="body/act_u"),
         helper.make_node("Where", ["b_act_u", "b_un", "b_u"], ["b_u_out"], name="body/u"),
         helper.make_node("Where", ["b_active", "b_res", "b_r"], ["b_r_out"], name="body/r"),
         helper.make_node("Where", ["b_active", "b_step", "b_s"], ["b_s_out"], name="body/s"),
         helper.make_node("Cast", ["b_active"], ["b_act_i"], to=i64, name="body/act_i"),
         helper.make_node("Add", ["b_it", "b_act_i"], ["b_it_out"], name="body/iters"),
-        helper.make_node("And", ["b_active", "b_still"], ["b_active_out"], name="body/active"),
-        helper.make_node("Cast", ["b_active_out"], ["b_act_n"], to=TensorProto.INT32, name="body/act_n"),
-        helper.make_node("ReduceMax", ["b_act_n"], ["b_any"], keepdims=0, name="body/any"),
-        helper.make_node("Cast", ["b_any"], ["b_cond_out"], to=b, name="body/cond"),
+        # a frozen sample keeps a residual <= tol, so the carried residual says who is still active
+        helper.make_node("Greater", ["b_r_out", "tol"], ["b_active_out"], name="body/active"),
+        helper.make_node("ReduceMax", ["b_r_out"], ["b_r_max"], keepdims=0, name="body/r_max"),
+        helper.make_node("Greater", ["b_r_max", "tol"], ["b_cond_out"], name="body/cond"),
     ]
     body = helper.make_graph(
         body_nodes,
@@ -143,12 +184,7 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto,
         ),
         *s_nodes,
     ]
-    constants = [
-        numpy_helper.from_array(np.array(axes, np.int64), "loop/axes"),
-        numpy_helper.from_array(np.array([0], np.int64), "loop/zero"),
-        numpy_helper.from_array(np.array(RESIDUAL_EPS, np.float32), "loop/eps"),
-        numpy_helper.from_array(np.array(True), "loop/true"),
-    ]
+    constants = _constants(len(axes))
     x_type = q.graph.input[0].type
     logits_type = s.graph.output[0].type
     graph = helper.make_graph(
@@ -167,7 +203,8 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto,
         ],
         [*q_inits, *t_inits, *s_inits, *constants],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fpn-export")
-    model.ir_version = q.ir_version
+    opsets = {o.domain: o for g in (q, t, s) for o in g.opset_import}  # e.g. com.microsoft after quantization
+    model = helper.make_model(graph, opset_imports=list(opsets.values()), producer_name="fpn-export")
+    model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
     onnx.checker.check_model(model, full_check=True)
     return model

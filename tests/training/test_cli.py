@@ -84,10 +84,12 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(trained: Path) ->
 @pytest.mark.slow
 def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained: Path, mnist_root: Path) -> None:
     assert sorted(p.name for p in exported.iterdir()) == [
+        "FPN.onnx",
         "Q.onnx",
+        "README.md",
         "S.onnx",
         "T.onnx",
-        "fpn.onnx",
+        "calibration.png",
         "manifest.json",
         "metrics.jsonl",
         "step.onnx",
@@ -96,11 +98,11 @@ def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained
     assert manifest.name == "tiny" and manifest.input.shape == (1, 28, 28) and manifest.latent_shape == (46,)
     assert 0 < manifest.contraction.gamma <= 0.99 + 1e-6
     # a tighter tolerance never takes fewer iterations on average
-    means = [row["mean_iterations"] for row in manifest.calibration]
-    assert [row["tol"] for row in manifest.calibration] == sorted(
-        (r["tol"] for r in manifest.calibration), reverse=True
-    )
+    rows = manifest.calibration["tolerances"]
+    means = [row["mean_iterations"] for row in rows]
+    assert [row["tol"] for row in rows] == sorted((r["tol"] for r in rows), reverse=True)
     assert means == sorted(means)
+    assert all(r["latency_us_batch1"] > 0 and r["latency_us_per_input_batch256"] > 0 for r in rows)
 
     from training.data import load_split
 
