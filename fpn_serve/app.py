@@ -161,6 +161,10 @@ async def _multipart_files(request: Request, body: bytes, max_files: int) -> lis
     try:
         form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=16).parse()
     except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise HTTPException(
+                413, f"more than {max_files} files in one request; at most {max_files} are allowed"
+            ) from exc
         raise HTTPException(400, f"malformed multipart body: {exc.message}") from exc
     files = [v for k, v in form.multi_items() if k == "file" and isinstance(v, UploadFile)]
     if not files:
@@ -175,17 +179,32 @@ def _json_inputs(body: bytes, engine: Engine, max_inputs: int) -> np.ndarray:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"the body is not valid JSON ({exc}); expected {want}") from exc
+    except RecursionError as exc:
+        raise HTTPException(400, f"the JSON body is nested too deeply; expected {want}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise HTTPException(422, f"expected {want}")
     if len(doc["inputs"]) > max_inputs:
         raise HTTPException(413, f"{len(doc['inputs'])} inputs in one request; at most {max_inputs} are allowed")
     try:
+        if b"true" in body or b"false" in body:  # cheap test first: walking every number costs
+            _refuse_booleans(doc["inputs"])
         x = np.asarray(doc["inputs"], dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise HTTPException(422, f"inputs must be numbers in a regular nested list: {exc}; expected {want}") from exc
     if list(x.shape[1:]) != shape:
         raise HTTPException(422, f"inputs have shape {list(x.shape)}; expected [n, {', '.join(map(str, shape))}]")
     return x
+
+
+def _refuse_booleans(value: Any) -> None:
+    """JSON true/false would silently become 1.0/0.0: refuse them as non-numeric."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            raise ValueError("inputs contain true/false; only numbers are allowed")
+        if isinstance(item, list):
+            stack.extend(item)
 
 
 def _response(engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int) -> ClassifyResponse:

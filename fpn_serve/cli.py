@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .app import ServerConfig, create_app
+from .app import ServerConfig, create_app, load_registry
 from .engine import DEVICES
 from .errors import FPNServeError
-from .manifest import load_manifest
-from .store import default_store, discover
+from .store import default_store
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -56,22 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     try:
         paths = args.models or [default_store()]
-        for folder in discover(paths):  # fail fast, with one clear line, before uvicorn starts
-            load_manifest(folder)
+        config = ServerConfig(
+            model_paths=tuple(paths),
+            device=args.device,
+            max_iter_cap=args.max_iter_cap,
+            max_body_bytes=args.max_body_bytes,
+            max_pixels=args.max_pixels,
+            max_inputs=args.max_inputs,
+        )
+        registry = load_registry(config)  # fail fast, with one clear line, before uvicorn starts
     except FPNServeError as exc:
         print(f"fpn-serve: error: {exc}", file=sys.stderr)
         return 1
-    config = ServerConfig(
-        model_paths=tuple(paths),
-        device=args.device,
-        max_iter_cap=args.max_iter_cap,
-        max_body_bytes=args.max_body_bytes,
-        max_pixels=args.max_pixels,
-        max_inputs=args.max_inputs,
-    )
     import uvicorn
 
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(config, registry), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -28,6 +28,7 @@ from .solvers import SOLVERS, SolveOutput, anderson
 log = logging.getLogger("fpn_serve")
 
 DEFAULT_MAX_ITER_CAP = 10_000
+MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow the network
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -188,12 +189,16 @@ class Engine:
         arr: np.ndarray = np.ascontiguousarray(x, dtype=np.float32)
         if not np.isfinite(arr).all():
             raise InputError("inputs contain NaN or infinite values; only finite numbers are allowed")
+        if np.abs(arr).max() > MAX_ABS_INPUT:
+            raise InputError(
+                f"inputs reach {np.abs(arr).max():.3g}; normalised inputs must lie within +-{MAX_ABS_INPUT:g}"
+            )
         return arr
 
     def resolve(self, tol: float | None, max_iter: int | None) -> tuple[float, int]:
         """Fill in the manifest defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
         tol = self.manifest.solver.tol if tol is None else tol
-        max_iter = self.manifest.solver.max_iter if max_iter is None else max_iter
+        max_iter = min(self.manifest.solver.max_iter, self.max_iter_cap) if max_iter is None else max_iter
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 <= tol <= 1:
             raise InputError(f"tol must be a number with 0 <= tol <= 1, got {tol!r}")
         if (

@@ -63,6 +63,9 @@ def image_to_input(img: Image.Image, spec: InputSpec, *, dark_background: bool =
     is mostly light is inverted, so a dark digit on white paper is read correctly.
     """
     channels, height, width = spec.shape
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
+        wide = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray((wide >> 8).clip(0, 255).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         img = _flatten_alpha(img)
     img = img.convert("L" if channels == 1 else "RGB")

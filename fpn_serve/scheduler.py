@@ -154,11 +154,12 @@ class Scheduler:
             try:
                 if admitted:
                     self._admit(admitted)
+                admitted = []  # from here on they are in the active batch (self._owner)
                 if self._runner.n:
                     self._iterate()
-            except Exception as exc:
+            except Exception as exc:  # never leave a caller waiting forever
                 log.exception("scheduler iteration failed")
-                self._fail_all(exc)
+                self._fail_all(exc, admitted)
 
     def _take_admissible(self) -> list[_Request]:
         free = self.max_active - self._runner.n
@@ -254,11 +255,11 @@ class Scheduler:
             )
         self.stats["answered"] += len(finished)
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_all(self, exc: Exception, admitted: list[_Request]) -> None:
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()
-        for req in {id(r): r for r in [*self._owner, *pending]}.values():
+        for req in {id(r): r for r in [*self._owner, *admitted, *pending]}.values():
             if not req.future.done():
                 req.future.set_exception(exc)
         self._owner = []

@@ -208,7 +208,16 @@ def main(args: argparse.Namespace) -> None:
         if "rng_state" in resume_payload:
             torch.set_rng_state(resume_payload["rng_state"])
         first_epoch = int(resume_payload["epoch"]) + 1
-        log.info("resuming %s at epoch %d of %d", args.resume, first_epoch, cfg.epochs)
+        log.info(
+            "resuming %s at epoch %d of %d (its model and training flags; this command's other training flags "
+            "are not used)",
+            args.resume,
+            first_epoch,
+            cfg.epochs,
+        )
+        earlier = Path(args.resume).parent / "metrics.jsonl"
+        if earlier.is_file() and earlier.resolve() != metrics_path.resolve():
+            metrics_path.write_text(earlier.read_text())  # the new folder holds the whole history
         if first_epoch > cfg.epochs:
             raise CheckpointError(f"{args.resume} already finished all {cfg.epochs} epochs")
     else:

@@ -167,3 +167,28 @@ def test_scheduler_honours_each_requests_deadline(slow_engine: Engine) -> None:
         assert slow.result(60).iterations.tolist() == [10_000] * 4
     finally:
         scheduler.stop()
+
+
+def test_default_max_iter_respects_a_lower_cap(shipped_model: Path, digits: np.ndarray) -> None:
+    capped = Engine.load(shipped_model, device="cpu", max_iter_cap=5)
+    result = capped.classify(digits[:8], tol=1e-9)  # the manifest's default max_iter is 100
+    assert result.iterations.max() == 5
+
+
+def test_scheduler_answers_every_caller_when_an_iteration_fails(
+    engine: Engine, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = Scheduler(engine, max_active=8)
+
+    def broken(x: np.ndarray) -> np.ndarray:
+        raise RuntimeError("Q failed")
+
+    monkeypatch.setattr(scheduler.engine, "encode", broken)
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(digits[i : i + 1]) for i in range(3)]
+        for f in futures:
+            with pytest.raises(RuntimeError, match="Q failed"):
+                f.result(10)
+    finally:
+        scheduler.stop()

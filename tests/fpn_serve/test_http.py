@@ -175,6 +175,18 @@ BAD_REQUESTS = [
     ("max_iter text", {"params": {"max_iter": "many"}, "json": GOOD_JSON}, 422, "valid integer"),
     ("unknown model", {"params": {"model": "cifar"}, "json": GOOD_JSON}, 404, "available: mnist"),
     ("too many inputs", {"json": {"inputs": [[[[0.0] * 28] * 28]] * 257}}, 413, "at most 256"),
+    ("too many files", {"files": [("file", ("d.png", _png(28, 28), "image/png"))] * 257}, 413, "at most 256"),
+    (
+        "json nested too deeply",
+        {
+            "content": b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "headers": {"content-type": "application/json"},
+        },
+        400,
+        "nested too deeply",
+    ),
+    ("json booleans", {"json": {"inputs": [[[[True] * 28] * 28]]}}, 422, "true/false"),
+    ("json huge numbers", {"json": {"inputs": [[[[3e38] * 28] * 28]]}}, 422, "must lie within"),
 ]
 
 

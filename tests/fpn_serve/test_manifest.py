@@ -71,3 +71,19 @@ def test_not_a_model_folder(tmp_path: Path) -> None:
         load_manifest(tmp_path)
     with pytest.raises(ModelError, match="neither a model folder nor a store"):
         discover([tmp_path])
+
+
+def test_fpn_serve_refuses_a_broken_folder_with_one_line(model_copy: Path) -> None:
+    import subprocess
+    import sys
+
+    _edit(model_copy, {"latent_shape": [47]})
+    proc = subprocess.run(
+        [sys.executable, "-m", "fpn_serve.cli", str(model_copy), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "fpn-serve: error:" in proc.stderr and "the manifest implies" in proc.stderr
+    assert "Traceback" not in proc.stderr

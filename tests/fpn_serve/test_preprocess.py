@@ -64,3 +64,12 @@ def test_undecodable_or_oversized_images_are_refused(data: bytes, status: int, m
 def test_a_gif_is_not_an_allowed_format() -> None:
     with pytest.raises(ImageError, match="PNG, JPEG"):
         decode_image(_encode(_digit(0, 255), "GIF"))
+
+
+def test_sixteen_bit_grayscale_reads_like_eight_bit() -> None:
+    eight = np.asarray(_digit(0, 255))
+    sixteen = Image.fromarray(eight.astype(np.uint16) * 257)  # full 16-bit range, mode I;16
+    assert sixteen.mode.startswith("I")
+    np.testing.assert_allclose(
+        image_to_input(decode_image(_encode(sixteen)), SPEC), image_to_input(_digit(0, 255), SPEC)
+    )

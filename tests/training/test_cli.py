@@ -232,3 +232,12 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     for name, tensor in full["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
     assert len((cut / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_and_export_without_torch_say_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['torch'] = None; from training.entry import train; sys.argv = ['fpn-train']; train()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "pip install 'fpn-serve[train]'" in proc.stderr and "Traceback" not in proc.stderr
