@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnxruntime import __version__ as ort_version
 import torch
 from torch import nn
 
@@ -43,6 +44,7 @@ from .precision import convert as convert_precision
 log = logging.getLogger("fpn-export")
 
 LOGIT_ATOL = 1e-4
+MIN_OPSET, MAX_OPSET = 18, 23
 GRAPH_FILES = {"fpn": "FPN.onnx"}  # other roles: ROLE.onnx
 PRECISION_NOTES = {
     "fp16": "Q, T and S in float16 with float32 inputs and outputs (onnxconverter-common)",
@@ -462,8 +464,11 @@ def cli(argv: list[str] | None = None) -> int:
         parser.error(f"--tol must satisfy 0 < tol <= 1, got {args.tol}")
     if args.max_iter is not None and args.max_iter < 1:
         parser.error(f"--max-iter must be >= 1, got {args.max_iter}")
-    if not 7 <= args.opset <= 23:
-        parser.error(f"--opset must be between 7 and 23 (what this ONNX Runtime runs), got {args.opset}")
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        parser.error(
+            f"--opset {args.opset} is not supported: fpn-export writes opsets {MIN_OPSET} to {MAX_OPSET} "
+            f"(the torch exporter needs >= {MIN_OPSET}; ONNX Runtime {ort_version} runs up to {MAX_OPSET})"
+        )
     if args.calibration_limit is not None and args.calibration_limit < args.parity_images:
         parser.error("--calibration-limit must be at least --parity-images")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -27,7 +28,9 @@ def convert(folder: Path, precision: str) -> list[str]:
 
         for role in ("Q", "T", "S"):
             path = folder / f"{role}.onnx"
-            model = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+            with warnings.catch_warnings():  # it warns for every weight that fp16 rounds: expected here
+                warnings.simplefilter("ignore", UserWarning)
+                model = float16.convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
             onnx.save(model, str(path))
         return ["Q", "T", "S"]
     if precision == "int8":

@@ -1,0 +1,207 @@
+"""fpn-export beyond the foundation: precisions, certificate, determinism, metadata, --verify, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from fpn_serve import Engine, load_manifest
+from training import export as export_mod
+from training.certify import measure_contraction
+from training.train import cli as train_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    args = ["--epochs", "2", "--limit-train", "4000", "--limit-test", "300", "--batch-size", "100", "--seed", "2"]
+    assert train_cli([*args, "--out", str(out), "--data-root", str(mnist_root)]) == 0
+    return out / "checkpoint.pt"
+
+
+def _export(checkpoint: Path, out: Path, mnist_root: Path, *extra: str) -> int:
+    return export_mod.cli(
+        [
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--data-root",
+            str(mnist_root),
+            "--calibration-limit",
+            "400",
+            "--parity-images",
+            "256",
+            "--certify-images",
+            "64",
+            *extra,
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def folders(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, mnist_root: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for precision in ("fp32", "fp16", "int8"):
+        out[precision] = root / precision
+        assert _export(checkpoint, out[precision], mnist_root, "--precision", precision) == 0
+    return out
+
+
+def _graph_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.onnx"))}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_every_precision_runs_in_onnx_runtime_with_float32_io(
+    folders: dict[str, Path], precision: str, mnist_root: Path
+) -> None:
+    folder = folders[precision]
+    manifest = load_manifest(folder)
+    assert manifest.precision_name == precision
+    engine = Engine.load(folder, device="cpu")
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=400)
+    x = test.normalise(test.images).numpy()
+    result = engine.classify(x)
+    assert result.logits.dtype == np.float32
+    assert (result.labels == test.labels.numpy()).mean() > 0.85
+    reference = Engine.load(folders["fp32"], device="cpu").classify(x)
+    assert (result.labels == reference.labels).mean() >= 0.97  # lower precision, same answers
+    assert result.converged.mean() > 0.95  # the default tol suits the precision
+    q = onnx.load(str(folder / "Q.onnx"))
+    types = {init.data_type for init in q.graph.initializer}
+    ops = {node.op_type for node in q.graph.node}
+    if precision == "fp16":
+        assert onnx.TensorProto.FLOAT16 in types
+    if precision == "int8":
+        assert ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}
+    if precision != "fp32":
+        record = manifest.precision
+        assert abs(record["accuracy_difference"]) < 0.02
+        assert record["accuracy_difference"] == pytest.approx(record["accuracy"] - record["accuracy_fp32"])
+
+
+def test_the_same_checkpoint_gives_byte_identical_graphs(
+    checkpoint: Path, folders: dict[str, Path], tmp_path: Path, mnist_root: Path
+) -> None:
+    assert _export(checkpoint, tmp_path / "again", mnist_root, "--name", "fp32") == 0
+    assert _graph_hashes(tmp_path / "again") == _graph_hashes(folders["fp32"])
+
+
+def test_graphs_carry_their_provenance(folders: dict[str, Path]) -> None:
+    manifest = json.loads((folders["fp32"] / "manifest.json").read_text())
+    assert manifest["opset"] == 18
+    for role, ref in manifest["graphs"].items():
+        graph = onnx.load(str(folders["fp32"] / ref["file"]))
+        meta = {p.key: p.value for p in graph.metadata_props}
+        assert meta == {"fpn.model": "fp32", "fpn.role": role, "fpn.format": "fpn-onnx/1", "fpn.opset": "18"}
+        assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in graph.opset_import)
+
+
+def test_calibration_and_certificate_are_recorded(folders: dict[str, Path]) -> None:
+    folder = folders["fp32"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    fixed = manifest["calibration"]["fixed_iterations"]
+    assert [r["iterations"] for r in fixed] == list(range(1, len(fixed) + 1))
+    assert len(fixed) >= 4 and fixed[-1]["accuracy"] == fixed[-2]["accuracy"] == fixed[-3]["accuracy"]
+    con = manifest["contraction"]
+    assert 0 < con["empirical"]["measured_factor"] <= con["gamma"] * (1 + 1e-3) < 1
+    assert (folder / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (folder / "README.md").read_text()
+    assert "calibration.png" in card and "| 0.0001 |" in card
+
+
+def test_measured_contraction_matches_the_truth_on_linear_maps(tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fpn_serve"))
+    from synthetic import linear_model  # type: ignore[import-not-found]
+
+    x = np.random.default_rng(0).standard_normal((16, 1, 2, 2)).astype(np.float32)
+    for scale in (0.5, 0.9, 1.5):
+        engine = Engine.load(linear_model(tmp_path / f"s{scale}", scale=scale), device="cpu")
+        measured = measure_contraction(engine, x)["measured_factor"]
+        assert measured == pytest.approx(scale, rel=1e-2) or (scale > 1 and measured == float("inf"))
+
+
+def test_a_non_contractive_export_is_refused_unless_allowed(
+    checkpoint: Path,
+    tmp_path: Path,
+    mnist_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real = export_mod.measure_contraction
+
+    def says_expanding(engine: Engine, x: np.ndarray, **kw: Any) -> dict[str, Any]:
+        return {**real(engine, x, **kw), "measured_factor": 1.25}
+
+    monkeypatch.setattr(export_mod, "measure_contraction", says_expanding)
+    assert _export(checkpoint, tmp_path / "no", mnist_root) == 1
+    assert "not a contraction: measured factor 1.2500 >= 1" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    assert _export(checkpoint, tmp_path / "yes", mnist_root, "--allow-non-contractive") == 0
+
+
+def test_verify_passes_a_sound_folder_and_names_what_is_wrong(
+    checkpoint: Path, folders: dict[str, Path], tmp_path: Path, mnist_root: Path
+) -> None:
+    def verify(folder: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "training.export", "--verify", str(folder), *args, "--data-root", str(mnist_root)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    ok = verify(folders["fp32"], str(checkpoint))
+    assert ok.returncode == 0, ok.stderr
+    assert "parity with" in ok.stderr and "every check passed" in ok.stderr
+
+    broken = tmp_path / "broken"
+    shutil.copytree(folders["fp32"], broken)
+    with (broken / "S.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    bad = verify(broken)
+    assert bad.returncode == 1 and "S.onnx has sha256" in bad.stderr
+
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(folders["fp32"], relabelled)
+    graph = onnx.load(str(relabelled / "T.onnx"))
+    onnx.helper.set_model_props(graph, {"fpn.model": "fp32", "fpn.role": "S"})
+    onnx.save(graph, str(relabelled / "T.onnx"))
+    manifest = json.loads((relabelled / "manifest.json").read_text())
+    manifest["graphs"]["T"]["sha256"] = hashlib.sha256((relabelled / "T.onnx").read_bytes()).hexdigest()
+    (relabelled / "manifest.json").write_text(json.dumps(manifest))
+    wrong = verify(relabelled)
+    assert wrong.returncode == 1 and "its metadata says role 'S'" in wrong.stderr
+
+
+def test_bad_checkpoints_and_opsets_get_one_clear_line(checkpoint: Path, tmp_path: Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "training.export", *args], capture_output=True, text=True, timeout=120
+        )
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    other = tmp_path / "other.pt"
+    payload = torch.load(checkpoint, weights_only=True)
+    payload["model_config"]["latent_dim"] = 64  # weights of a 46-wide latent under a 64-wide architecture
+    torch.save(payload, other)
+    for args, message in [
+        ((str(truncated), "--out", str(tmp_path / "a")), "cannot be read"),
+        ((str(other), "--out", str(tmp_path / "b")), "does not rebuild its model"),
+        ((str(checkpoint), "--out", str(tmp_path / "c"), "--opset", "30"), "--opset 30 is not supported"),
+    ]:
+        proc = run(*args)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
