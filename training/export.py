@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime import __version__ as ort_version
 import torch
+from onnxruntime import __version__ as ort_version
 from torch import nn
 
 from fpn_serve import Engine, ModelError, __version__
