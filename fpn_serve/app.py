@@ -140,7 +140,7 @@ class ErrorResponse(BaseModel):
 # ---------------------------------------------------------------------------------------------
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """Read the body, stopping with 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -322,7 +322,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
                 415,
                 f"content type {content_type or '(none)'!r} is not accepted; send one of: {', '.join(ALLOWED_TYPES)}",
             )
-        body = await _read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes)
         if not body:
             raise HTTPException(
                 400, "the body is empty; send an image (multipart field 'file' or raw PNG/JPEG) or JSON inputs"
@@ -362,6 +362,10 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             )
             for e in registry.engines.values()
         ]
+
+    from .v2 import build_router  # the v2 routes need this module's dependency and settings
+
+    app.include_router(build_router(config))
 
     @app.get("/healthz", summary="Liveness: the process answers and its models are loaded")
     async def healthz(registry: Registry) -> dict[str, Any]:

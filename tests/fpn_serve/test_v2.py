@@ -1,0 +1,114 @@
+"""The Open Inference Protocol (KServe v2) routes on a real server, as a v2 client uses them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_root: Path) -> tuple[np.ndarray, np.ndarray]:
+    from training.data import load_split
+
+    test = load_split("mnist", mnist_root, train=False, limit=16)
+    return test.normalise(test.images).numpy(), test.labels.numpy()
+
+
+def _request(x: np.ndarray, **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}], **extra}
+
+
+def test_health_and_metadata(server: httpx.Client) -> None:
+    assert server.get("/v2/health/live").json() == {"live": True}
+    assert server.get("/v2/health/ready").json() == {"ready": True}
+    assert server.get("/v2").json()["name"] == "fpn-serve"
+    meta = server.get("/v2/models/mnist").json()
+    assert meta["name"] == "mnist" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert {o["name"] for o in meta["outputs"]} == {
+        "logits",
+        "probabilities",
+        "label",
+        "iterations",
+        "residual",
+        "converged",
+        "error_bound",
+    }
+    assert server.get("/v2/models/mnist/versions/1").json() == meta
+    assert server.get("/v2/models/mnist/ready").json() == {"name": "mnist", "ready": True}
+    for path in ("/v2/models/cifar", "/v2/models/cifar/ready", "/v2/models/mnist/versions/7"):
+        r = server.get(path)
+        assert r.status_code == 404 and "error" in r.json()
+
+
+def test_infer_answers_named_tensors_like_classify(server: httpx.Client, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = digits
+    r = server.post("/v2/models/mnist/infer", json=_request(x, id="req-1", parameters={"tol": 1e-3}))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_name"] == "mnist" and body["id"] == "req-1"
+    out = {o["name"]: o for o in body["outputs"]}
+    assert out["label"]["datatype"] == "INT64" and out["label"]["shape"] == [16]
+    assert out["label"]["data"] == y.tolist()
+    assert out["logits"]["shape"] == [16, 10] and len(out["logits"]["data"]) == 160
+    assert out["converged"]["datatype"] == "BOOL" and all(out["converged"]["data"])
+    classify = server.post("/classify", params={"tol": 1e-3}, json={"inputs": x.tolist()}).json()["predictions"]
+    assert out["iterations"]["data"] == [p["iterations"] for p in classify]
+    np.testing.assert_allclose(
+        np.asarray(out["probabilities"]["data"]).reshape(16, 10), [p["probabilities"] for p in classify], atol=1e-6
+    )
+
+
+def test_infer_takes_nested_data_parameters_and_an_output_selection(
+    server: httpx.Client, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = digits[0][:4]
+    loose = server.post(
+        "/v2/models/mnist/versions/1/infer",
+        json={
+            "inputs": [{"name": "image", "shape": [4, 1, 28, 28], "datatype": "FP32", "data": x.tolist()}],
+            "parameters": {"tol": 0.1},
+            "outputs": [{"name": "iterations"}],
+        },
+    ).json()
+    tight = server.post("/v2/models/mnist/infer", json=_request(x, parameters={"tol": 1e-6, "max_iter": 200})).json()
+    assert [o["name"] for o in loose["outputs"]] == ["iterations"]
+    tight_iters = next(o for o in tight["outputs"] if o["name"] == "iterations")["data"]
+    assert all(a <= b for a, b in zip(loose["outputs"][0]["data"], tight_iters, strict=True))
+    assert sum(loose["outputs"][0]["data"]) < sum(tight_iters)
+
+
+X1 = np.zeros((1, 1, 28, 28), np.float32)
+BAD = [
+    ("not json", b"{inputs", "not valid JSON"),
+    ("no inputs", {"outputs": []}, "exactly one tensor"),
+    ("two inputs", {"inputs": [_request(X1)["inputs"][0]] * 2}, "exactly one tensor"),  # type: ignore[index]
+    ("datatype", {"inputs": [{**_request(X1)["inputs"][0], "datatype": "INT8"}]}, "send FP32"),  # type: ignore[index]
+    ("shape", {"inputs": [{**_request(X1)["inputs"][0], "shape": [1, 784]}]}, "does not match"),  # type: ignore[index]
+    ("data length", {"inputs": [{**_request(X1)["inputs"][0], "data": [0.0] * 10}]}, "needs 784"),  # type: ignore[index]
+    ("data strings", {"inputs": [{**_request(X1)["inputs"][0], "data": ["a"] * 784}]}, "only numbers"),  # type: ignore[index]
+    ("unknown parameter", _request(X1, parameters={"temperature": 1}), "unknown parameters"),
+    ("bad tol", _request(X1, parameters={"tol": 0}), "0 < tol <= 1"),
+    ("bad max_iter", _request(X1, parameters={"max_iter": 10**6}), "from 1 to 1000"),
+    ("bad solver", _request(X1, parameters={"solver": "newton"}), "unknown solver"),
+    ("unknown output", _request(X1, outputs=[{"name": "softmax"}]), "unknown outputs"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_infer_requests_get_a_v2_error(server: httpx.Client, case: str, body: object, message: str) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = server.post("/v2/models/mnist/infer", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert set(r.json()) == {"error"} and message in r.json()["error"]
+
+
+def test_infer_on_an_unknown_model_is_404(server: httpx.Client) -> None:
+    r = server.post("/v2/models/cifar/infer", json=_request(X1))
+    assert r.status_code == 404 and "available: mnist" in r.json()["error"]
