@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -29,6 +29,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from . import __version__
 from .engine import ClassifyResult, Engine
 from .errors import FPNServeError, InputError
+from .metrics import Metrics
 from .preprocess import DEFAULT_MAX_PIXELS, images_to_batch
 from .scheduler import QueueFull, Scheduler
 from .store import discover
@@ -58,6 +59,7 @@ class ModelRegistry:
 
     engines: dict[str, Engine] = field(default_factory=dict)
     schedulers: dict[str, Scheduler] = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def get(self, name: str | None) -> Engine:
         if name is None:
@@ -345,6 +347,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             result = await run_in_threadpool(
                 engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms
             )
+        registry.metrics.observe_result(engine.name, result)
         return _response(engine, result, started, tol_used, max_iter_used)
 
     @app.get("/models", response_model=list[ModelInfo], summary="The models this server serves")
@@ -362,6 +365,23 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             )
             for e in registry.engines.values()
         ]
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Any:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        reg = getattr(request.app.state, "registry", None)
+        if reg is not None:
+            reg.metrics.observe_request(path, response.status_code, time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
+    async def metrics(registry: Registry) -> PlainTextResponse:
+        return PlainTextResponse(
+            registry.metrics.render(registry.schedulers).decode(), media_type="text/plain; version=0.0.4"
+        )
 
     from .v2 import build_router  # the v2 routes need this module's dependency and settings
 

@@ -216,6 +216,7 @@ def build_router(config: ServerConfig) -> APIRouter:
             if isinstance(status, int) and 400 <= status < 500:  # e.g. the body-size limit
                 return _error(str(getattr(exc, "detail", exc)), status)
             raise
+        registry.metrics.observe_result(engine.name, result)
         answer: dict[str, Any] = {
             "model_name": engine.name,
             "model_version": engine.manifest.version,

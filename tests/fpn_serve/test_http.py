@@ -166,3 +166,45 @@ def test_server_still_serves_correctly_after_bad_input(server: httpx.Client, rep
     png = (repo / "examples" / "seven.png").read_bytes()
     r = server.post("/classify", files={"file": ("seven.png", png, "image/png")})
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7"
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}}" if want else f"{name} "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_requests_iterations_and_failures(server: httpx.Client, repo: Path) -> None:
+    before = server.get("/metrics").text
+    png = (repo / "examples" / "seven.png").read_bytes()
+    for _ in range(3):
+        assert server.post("/classify", content=png, headers={"content-type": "image/png"}).status_code == 200
+    assert (
+        server.post("/classify", params={"tol": 7}, content=png, headers={"content-type": "image/png"}).status_code
+        == 422
+    )
+    assert (
+        server.post(
+            "/classify", params={"tol": 1e-9, "max_iter": 2}, content=png, headers={"content-type": "image/png"}
+        ).status_code
+        == 200
+    )
+    after = server.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    ok = ("fpn_requests_total", {"route": "/classify", "status": "200"})
+    bad = ("fpn_requests_total", {"route": "/classify", "status": "422"})
+    assert _metric(text, ok[0], **ok[1]) - _metric(before, ok[0], **ok[1]) == 4
+    assert _metric(text, bad[0], **bad[1]) - _metric(before, bad[0], **bad[1]) == 1
+    assert (
+        _metric(text, "fpn_iterations_count", model="mnist") - _metric(before, "fpn_iterations_count", model="mnist")
+        == 4
+    )
+    assert (
+        _metric(text, "fpn_not_converged_total", model="mnist")
+        - _metric(before, "fpn_not_converged_total", model="mnist")
+        == 1
+    )
+    assert "fpn_queue_depth" in text and "fpn_active_batch" in text and "fpn_request_seconds_bucket" in text

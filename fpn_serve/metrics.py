@@ -1,0 +1,63 @@
+"""Prometheus metrics of one server process (``GET /metrics``), in a registry of their own.
+
+Requests by route and status with their latency; per answered input its iterations, its
+residual at exit and whether it converged; per model the active batch and the queue depth.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .engine import ClassifyResult
+    from .scheduler import Scheduler
+
+LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+ITERATION_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 100, 200, 500, 1000)
+RESIDUAL_BUCKETS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fpn_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
+        self.latency = Histogram(
+            "fpn_request_seconds", "HTTP request latency by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.iterations = Histogram(
+            "fpn_iterations", "T applications per answered input", ["model"], buckets=ITERATION_BUCKETS, registry=r
+        )
+        self.residual = Histogram(
+            "fpn_residual",
+            "relative residual at exit per answered input",
+            ["model"],
+            buckets=RESIDUAL_BUCKETS,
+            registry=r,
+        )
+        self.not_converged = Counter(
+            "fpn_not_converged", "answered inputs that stopped before their tol", ["model"], registry=r
+        )
+        self.active = Gauge("fpn_active_batch", "inputs in the model's active batch", ["model"], registry=r)
+        self.queue = Gauge("fpn_queue_depth", "requests waiting to join the active batch", ["model"], registry=r)
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_result(self, model: str, result: ClassifyResult) -> None:
+        it, res = self.iterations.labels(model), self.residual.labels(model)
+        for iterations, residual in zip(result.iterations.tolist(), result.residuals.tolist(), strict=True):
+            it.observe(iterations)
+            res.observe(residual)
+        missed = int((~result.converged).sum())
+        if missed:
+            self.not_converged.labels(model).inc(missed)
+
+    def render(self, schedulers: dict[str, Scheduler]) -> bytes:
+        for name, sched in schedulers.items():
+            self.active.labels(name).set(sched.active)
+            self.queue.labels(name).set(sched.queue_depth)
+        return generate_latest(self.registry)
