@@ -8,6 +8,7 @@ with a 4xx JSON body ``{"detail": "<what was wrong and what is allowed>"}``.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from .errors import FPNServeError, InputError
 from .metrics import Metrics
 from .preprocess import DEFAULT_MAX_PIXELS, images_to_batch
 from .scheduler import QueueFull, Scheduler
+from .settings import Settings
 from .store import discover
 
 log = logging.getLogger("fpn_serve")
@@ -51,6 +53,22 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inputs: int = 256
     max_queue: int = 1024  # requests waiting for the active batch; beyond it: 503
+    request_timeout_s: float = 30.0
+    token: str | None = None  # bearer token required on every route but the health routes
+
+    @classmethod
+    def from_settings(cls, settings: Settings, model_paths: tuple[Path, ...]) -> ServerConfig:
+        return cls(
+            model_paths=model_paths,
+            device=settings.device,
+            max_iter_cap=settings.max_iter_cap,
+            max_body_bytes=settings.max_body_bytes,
+            max_pixels=settings.max_pixels,
+            max_inputs=settings.max_inputs,
+            max_queue=settings.max_queue,
+            request_timeout_s=settings.request_timeout_s,
+            token=settings.token.get_secret_value() if settings.token is not None else None,
+        )
 
 
 @dataclass
@@ -198,6 +216,14 @@ def _json_inputs(body: bytes, engine: Engine, max_inputs: int) -> np.ndarray:
     return x
 
 
+async def _within(work: Any, seconds: float) -> Any:
+    """Await ``work`` for at most ``seconds``; 504 after that (use deadline_ms for anytime answers)."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except TimeoutError as exc:
+        raise HTTPException(504, f"the request took longer than {seconds:g} s; pass deadline_ms to bound it") from exc
+
+
 def _refuse_booleans(value: Any) -> None:
     """JSON true/false would silently become 1.0/0.0: refuse them as non-numeric."""
     stack = [value]
@@ -342,10 +368,11 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
         if solver == "fixed_point":  # shares the model's active batch with concurrent requests
             future = registry.schedulers[engine.name].submit(x, tol_used, max_iter_used, deadline_ms=deadline_ms)
-            result = await asyncio.wrap_future(future)
+            result = await _within(asyncio.wrap_future(future), config.request_timeout_s)
         else:
-            result = await run_in_threadpool(
-                engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms
+            result = await _within(
+                run_in_threadpool(engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms),
+                config.request_timeout_s,
             )
         registry.metrics.observe_result(engine.name, result)
         return _response(engine, result, started, tol_used, max_iter_used)
@@ -365,6 +392,20 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             )
             for e in registry.engines.values()
         ]
+
+    open_paths = {"/healthz", "/v2/health/live", "/v2/health/ready"}
+
+    @app.middleware("http")
+    async def require_token(request: Request, call_next: Any) -> Any:
+        if config.token is not None and request.url.path not in open_paths:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {config.token}".encode()):
+                return JSONResponse(
+                    status_code=401,
+                    content={"detail": "this server needs 'Authorization: Bearer <token>' on every route but health"},
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Any:

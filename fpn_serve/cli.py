@@ -6,11 +6,14 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import ValidationError
 
 from . import __version__
 from .app import ServerConfig, create_app, load_registry
-from .engine import DEVICES
 from .errors import FPNServeError
+from .settings import Settings, get_settings
 from .store import default_store
 
 
@@ -31,45 +34,41 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="model folders (each with manifest.json) or stores holding model folders; "
         "default: the shipped MNIST model",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when it really initialises, else CPU")
-    p.add_argument("--max-iter-cap", type=int, default=1000, help="largest max_iter a request may ask for")
-    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body")
-    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image (width x height) decoded")
-    p.add_argument("--max-inputs", type=int, default=256, help="most inputs (images or JSON inputs) per request")
-    p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="log verbosity"
-    )
+    defaults = get_settings()
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        kwargs: dict[str, Any] = {"help": f"{info.description} [env FPN_SERVE_{name.upper()}]", "dest": name}
+        if name == "token":
+            kwargs["help"] = "bearer token required on every route but health [env FPN_SERVE_TOKEN; prefer the env]"
+            kwargs["default"] = default.get_secret_value() if default is not None else None
+        else:
+            kwargs["default"] = default
+            kwargs["type"] = type(default) if not isinstance(default, str) else str
+        if name in ("device", "log_level"):
+            kwargs["choices"] = list(get_args(info.annotation))
+        p.add_argument(flag, **kwargs)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be 0..65535, got {args.port}")
-    for flag in ("max_iter_cap", "max_body_bytes", "max_pixels", "max_inputs"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
+    try:
+        settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+    except ValidationError as exc:
+        parser.error("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
     try:
         paths = args.models or [default_store()]
-        config = ServerConfig(
-            model_paths=tuple(paths),
-            device=args.device,
-            max_iter_cap=args.max_iter_cap,
-            max_body_bytes=args.max_body_bytes,
-            max_pixels=args.max_pixels,
-            max_inputs=args.max_inputs,
-        )
+        config = ServerConfig.from_settings(settings, tuple(paths))
         registry = load_registry(config)  # fail fast, with one clear line, before uvicorn starts
     except FPNServeError as exc:
         print(f"fpn-serve: error: {exc}", file=sys.stderr)
         return 1
     import uvicorn
 
-    uvicorn.run(create_app(config, registry), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(config, registry), host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -45,32 +46,43 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="session")
-def server(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+@contextlib.contextmanager
+def running_server(model: Path, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[httpx.Client]:
+    """``fpn-serve MODEL`` as a real uvicorn process on a free loopback port, stopped afterwards."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log_path = log_dir / "server.log"
     log = log_path.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fpn_serve.cli", str(shipped_model), "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "fpn_serve.cli", str(model), "--port", str(port), "--log-level", "warning"],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
     deadline = time.monotonic() + 60
-    while True:
+    try:
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"server did not start: {log_path.read_text()}")
+            time.sleep(0.2)
+        yield client
+    finally:
+        client.close()
+        proc.terminate()
         try:
-            if client.get("/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            log.close()
-            pytest.fail(f"server did not start: {log_path.read_text()}")
-        time.sleep(0.2)
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(timeout=20)
-    log.close()
+        log.close()
     assert "Traceback" not in log_path.read_text()  # no request made the server crash inside
+
+
+@pytest.fixture(scope="session")
+def server(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    with running_server(shipped_model, tmp_path_factory.mktemp("server")) as client:
+        yield client

@@ -1,0 +1,37 @@
+"""Server settings: one object, read from ``FPN_SERVE_*`` environment variables; CLI flags override.
+
+FPN_SERVE_HOST=0.0.0.0 FPN_SERVE_TOKEN=s3cret fpn-serve models/
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting of ``fpn-serve``; the environment variable is ``FPN_SERVE_`` + the upper-case name."""
+
+    model_config = SettingsConfigDict(env_prefix="FPN_SERVE_", frozen=True)
+
+    host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when it really initialises")
+    max_iter_cap: int = Field(default=1000, ge=1, description="largest max_iter a request may ask for")
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body")
+    max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest image (width x height) decoded")
+    max_inputs: int = Field(default=256, ge=1, description="most inputs (images or JSON inputs) per request")
+    max_queue: int = Field(default=1024, ge=1, description="requests waiting for the active batch before 503")
+    request_timeout_s: float = Field(default=30.0, gt=0, description="longest a request may take before 504")
+    token: SecretStr | None = Field(default=None, description="bearer token required on every route but health")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        default="info", description="log verbosity"
+    )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,66 @@
+"""Settings from FPN_SERVE_* variables and flags, the bearer token, and the request timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ..conftest import running_server  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.slow
+
+ONE = {"inputs": np.zeros((1, 1, 28, 28)).tolist()}
+
+
+@pytest.fixture(scope="module")
+def locked(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    env = {
+        "FPN_SERVE_TOKEN": "s3cret",
+        "FPN_SERVE_MAX_INPUTS": "2",
+        "FPN_SERVE_REQUEST_TIMEOUT_S": "0.05",
+        "FPN_SERVE_MAX_ITER_CAP": "20000",
+    }
+    with running_server(shipped_model, tmp_path_factory.mktemp("locked"), env) as client:
+        yield client
+
+
+def test_the_token_guards_every_route_but_health(locked: httpx.Client) -> None:
+    assert locked.get("/healthz").status_code == 200
+    assert locked.get("/v2/health/ready").status_code == 200
+    for method, path in [("GET", "/models"), ("GET", "/metrics"), ("POST", "/classify"), ("GET", "/v2/models/mnist")]:
+        r = locked.request(method, path, json=ONE)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+        wrong = locked.request(method, path, json=ONE, headers={"authorization": "Bearer guess"})
+        assert wrong.status_code == 401
+    ok = locked.post("/classify", json=ONE, headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+
+
+def test_environment_settings_apply(locked: httpx.Client) -> None:
+    auth = {"authorization": "Bearer s3cret"}
+    three = {"inputs": np.zeros((3, 1, 28, 28)).tolist()}
+    r = locked.post("/classify", json=three, headers=auth)
+    assert r.status_code == 413 and "at most 2" in r.json()["detail"]
+    noise = np.random.default_rng(0).standard_normal((2, 1, 28, 28))  # never reaches tol=1e-9
+    slow = {"inputs": noise.tolist()}
+    r = locked.post("/classify", params={"tol": 1e-9, "max_iter": 20000, "solver": "anderson"}, json=slow, headers=auth)
+    assert r.status_code == 504 and "deadline_ms" in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "70000"], "--port: Input should be less than or equal to 65535"),
+        (["--max-inputs", "0"], "--max-inputs: Input should be greater than or equal to 1"),
+        (["--device", "tpu"], "invalid choice: 'tpu'"),
+    ],
+)
+def test_bad_flags_get_one_clear_line(args: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fpn_serve.cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
