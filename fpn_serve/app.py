@@ -78,6 +78,7 @@ class ModelRegistry:
     engines: dict[str, Engine] = field(default_factory=dict)
     schedulers: dict[str, Scheduler] = field(default_factory=dict)
     metrics: Metrics = field(default_factory=Metrics)
+    draining: bool = False  # set on shutdown: readiness turns false while in-flight work finishes
 
     def get(self, name: str | None) -> Engine:
         if name is None:
@@ -124,10 +125,17 @@ def load_registry(config: ServerConfig) -> ModelRegistry:
 # Response models (they also document the API in OpenAPI)
 
 
+class Ranked(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
 class Prediction(BaseModel):
     label: str
     index: int
-    probabilities: list[float]
+    probabilities: list[float] | None = None  # every class, unless top_k was asked for
+    top_k: list[Ranked] | None = None  # the k most probable classes, most probable first
     iterations: int
     residual: float
     converged: bool
@@ -235,8 +243,15 @@ def _refuse_booleans(value: Any) -> None:
             stack.extend(item)
 
 
-def _response(engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int) -> ClassifyResponse:
+def _response(
+    engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int, top_k: int | None = None
+) -> ClassifyResponse:
     names = result.names
+
+    def ranked(probs: np.ndarray) -> list[Ranked]:
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        return [Ranked(label=names[int(i)], index=int(i), probability=float(probs[i])) for i in order]
+
     return ClassifyResponse(
         model=engine.name,
         latency_ms=round((time.perf_counter() - started) * 1000, 3),
@@ -246,7 +261,8 @@ def _response(engine: Engine, result: ClassifyResult, started: float, tol: float
             Prediction(
                 label=names[int(label)],
                 index=int(label),
-                probabilities=[float(p) for p in probs],
+                probabilities=None if top_k else [float(p) for p in probs],
+                top_k=ranked(probs) if top_k else None,
                 iterations=int(iters),
                 residual=float(res),
                 converged=bool(conv),
@@ -279,6 +295,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             reg.stop()
 
     app = FastAPI(
+        responses={401: {"model": ErrorResponse, "description": "missing or wrong bearer token"}},
         title="fpn-serve",
         version=__version__,
         description="Fixed Point Network classifiers with a per-request tolerance: a looser `tol` "
@@ -307,6 +324,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
     @app.post(
         "/classify",
         response_model=ClassifyResponse,
+        response_model_exclude_none=True,
         responses={code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)},
         summary="Classify one or more images or normalised inputs",
         openapi_extra={
@@ -338,9 +356,14 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             float | None,
             Query(gt=0, le=60_000, description="answer with the current iterate once this many ms have passed"),
         ] = None,
+        top_k: Annotated[
+            int | None, Query(ge=1, description="answer the k most probable classes instead of all probabilities")
+        ] = None,
     ) -> ClassifyResponse:
         started = time.perf_counter()
         engine = registry.get(model)
+        if top_k is not None and top_k > len(engine.manifest.labels):
+            raise HTTPException(422, f"top_k: must be from 1 to {len(engine.manifest.labels)} (got {top_k})")
         if max_iter is not None and max_iter > config.max_iter_cap:
             raise HTTPException(422, f"max_iter: must be from 1 to {config.max_iter_cap} (got {max_iter})")
         tol_used, max_iter_used = engine.resolve(tol, max_iter)
@@ -375,7 +398,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
                 config.request_timeout_s,
             )
         registry.metrics.observe_result(engine.name, result)
-        return _response(engine, result, started, tol_used, max_iter_used)
+        return _response(engine, result, started, tol_used, max_iter_used, top_k)
 
     @app.get("/models", response_model=list[ModelInfo], summary="The models this server serves")
     async def models(registry: Registry) -> list[ModelInfo]:

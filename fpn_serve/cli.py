@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any, get_args
 
@@ -68,7 +69,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     import uvicorn
 
-    uvicorn.run(create_app(config, registry), host=settings.host, port=settings.port, log_level=settings.log_level)
+    class DrainingServer(uvicorn.Server):
+        """On the first SIGTERM/SIGINT, readiness turns false; uvicorn's graceful exit follows after drain_s."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if registry.draining or settings.drain_s == 0:
+                super().handle_exit(sig, frame)
+                return
+            registry.draining = True
+            logging.getLogger("fpn_serve").info("draining for %.1f s before shutdown", settings.drain_s)
+            threading.Timer(settings.drain_s, super().handle_exit, args=(sig, frame)).start()
+
+    app = create_app(config, registry)
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server.run()
     return 0
 
 

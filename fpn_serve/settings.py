@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     max_inputs: int = Field(default=256, ge=1, description="most inputs (images or JSON inputs) per request")
     max_queue: int = Field(default=1024, ge=1, description="requests waiting for the active batch before 503")
     request_timeout_s: float = Field(default=30.0, gt=0, description="longest a request may take before 504")
+    drain_s: float = Field(
+        default=1.0, ge=0, description="on SIGTERM/SIGINT, report not-ready this long before closing"
+    )
     token: SecretStr | None = Field(default=None, description="bearer token required on every route but health")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log verbosity"

@@ -152,7 +152,7 @@ def build_router(config: ServerConfig) -> APIRouter:
 
     @router.get("/health/ready", summary="v2 readiness: every model loaded")
     async def ready(registry: Registry) -> JSONResponse:
-        ok = bool(registry.engines) and bool(registry.schedulers)
+        ok = bool(registry.engines) and bool(registry.schedulers) and not registry.draining
         return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
 
     @router.get("", summary="v2 server metadata")

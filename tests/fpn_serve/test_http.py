@@ -208,3 +208,17 @@ def test_metrics_count_requests_iterations_and_failures(server: httpx.Client, re
         == 1
     )
     assert "fpn_queue_depth" in text and "fpn_active_batch" in text and "fpn_request_seconds_bucket" in text
+
+
+def test_top_k_answers_the_most_probable_classes(server: httpx.Client, repo: Path) -> None:
+    png = (repo / "examples" / "seven.png").read_bytes()
+    pred = server.post("/classify", params={"top_k": 3}, content=png, headers={"content-type": "image/png"}).json()[
+        "predictions"
+    ][0]
+    assert "probabilities" not in pred
+    ranked = pred["top_k"]
+    assert ranked[0]["label"] == "7" and len(ranked) == 3
+    assert [r["probability"] for r in ranked] == sorted((r["probability"] for r in ranked), reverse=True)
+    for k in (0, 11):
+        r = server.post("/classify", params={"top_k": k}, content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 422 and "top_k" in r.json()["detail"]

@@ -64,3 +64,55 @@ def test_environment_settings_apply(locked: httpx.Client) -> None:
 def test_bad_flags_get_one_clear_line(args: list[str], message: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "fpn_serve.cli", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(shipped_model: Path, tmp_path: Path) -> None:
+    import signal
+    import threading
+    import time
+
+    from ..conftest import _free_port  # type: ignore[import-not-found]
+
+    port = _free_port()
+    env = {**__import__("os").environ, "FPN_SERVE_DRAIN_S": "1.5", "FPN_SERVE_MAX_ITER_CAP": "20000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fpn_serve.cli", str(shipped_model), "--port", str(port), "--log-level", "warning"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        for _ in range(300):
+            try:
+                if client.get("/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        noise = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).tolist()
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                client.post(
+                    "/classify", params={"tol": 1e-9, "max_iter": 20000, "solver": "anderson"}, json={"inputs": noise}
+                )
+            )
+        )
+        slow.start()
+        time.sleep(0.2)  # the slow request is in flight
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        assert client.get("/v2/health/live").status_code == 200  # alive while draining
+        slow.join(30)
+        assert answers and answers[0].status_code == 200  # in-flight work finished
+        assert answers[0].json()["predictions"][0]["iterations"] == 20000
+        # uvicorn exits cleanly, then re-raises the signal it caught, as a process ended by it should
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate()[0].decode()
+    assert "Traceback" not in output
