@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -456,6 +457,14 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
     open_paths = {"/healthz", "/v2/health/live", "/v2/health/ready"}
 
     app.add_middleware(GuardAndCount, token=config.token, open_paths=open_paths)
+
+    static = Path(__file__).resolve().parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def demo() -> FileResponse:
+        """The demo page: draw a digit, move the tolerance, watch the answer (no external resources)."""
+        return FileResponse(static / "index.html")
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics(registry: Registry) -> PlainTextResponse:
