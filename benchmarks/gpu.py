@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,16 +32,12 @@ if hasattr(ort, "preload_dlls"):
 
 from fpn_serve import Engine  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine import median_seconds  # noqa: E402  (benchmarks/engine.py)
+
 
 def med(fn: Any, repeats: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(fn, repeats, warmup)
 
 
 def inputs(n: int, seed: int = 0) -> np.ndarray:
