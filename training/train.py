@@ -25,6 +25,17 @@ from .backprop import BACKPROP, get_backprop
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DATASETS, DataError, TensorSplit, load_split
+from .distributed import (
+    World,
+    average_gradients,
+    barrier,
+    device_for,
+    max_over_ranks,
+    parameter_divergence,
+    setup,
+    sum_over_ranks,
+    teardown,
+)
 from .fpn import FPN
 from .solvers import SOLVERS
 
@@ -69,30 +80,41 @@ def train_one_epoch(
     cfg: TrainConfig,
     generator: torch.Generator,
     epoch: int,
+    world: World | None = None,
 ) -> dict[str, float]:
+    """One pass over ``data``; with several processes each trains on its slice of every global batch."""
+    world = world or World()
     model.train()
     step = get_backprop(cfg.backprop)
     loss_fn = nn.CrossEntropyLoss()
     total_loss = correct = seen = iters_sum = 0.0
     iters_max = 0
-    order = torch.randperm(len(data), generator=generator)
+    order = torch.randperm(len(data), generator=generator)  # the same on every process
+    # augmentation draws its own numbers, per epoch and process, so shuffling stays in step
+    augment = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + world.rank)
+    global_batch = cfg.batch_size * world.size
+    device = device_for(world, cfg.device)
     bar = tqdm(
-        range(0, len(data), cfg.batch_size),
+        range(0, len(data), global_batch),
         desc=f"epoch {epoch}/{cfg.epochs}",
         unit="batch",
         leave=False,
-        disable=None,
+        disable=None if world.is_main else True,
     )
     for start in bar:
-        idx = order[start : start + cfg.batch_size]
-        images = random_shift(data.images[idx].to(cfg.device), cfg.augment_shift, generator)
-        images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, generator)
+        chunk = order[start : start + global_batch]
+        idx = chunk.tensor_split(world.size)[world.rank]
+        if len(idx) == 0:  # a short last batch can leave a process without samples
+            idx = chunk[:1]
+        images = random_shift(data.images[idx].to(device), cfg.augment_shift, augment)
+        images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, augment)
         x = data.normalise(images)
-        y = data.labels[idx].to(cfg.device)
+        y = data.labels[idx].to(device)
         logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
         loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model, world)
         optimizer.step()
         n = y.shape[0]
         total_loss += float(loss.detach()) * n
@@ -101,21 +123,24 @@ def train_one_epoch(
         iters_sum += float(info.iterations.sum())
         iters_max = max(iters_max, int(info.iterations.max()))
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", iters=f"{iters_sum / seen:.1f}")
+    total_loss, correct, seen, iters_sum = sum_over_ranks([total_loss, correct, seen, iters_sum], world, device)
     return {
         "train_loss": total_loss / seen,
         "train_accuracy": correct / seen,
         "mean_iterations": iters_sum / seen,
-        "max_iterations": iters_max,
+        "max_iterations": int(max_over_ranks(iters_max, world, device)),
     }
 
 
 @torch.no_grad()
-def evaluate(model: FPN, data: TensorSplit, cfg: TrainConfig, batch_size: int = 1000) -> dict[str, float]:
+def evaluate(
+    model: FPN, data: TensorSplit, cfg: TrainConfig, device: str | None = None, batch_size: int = 1000
+) -> dict[str, float]:
     """Test accuracy in eval mode (no dropout), solving to the training tolerance."""
     model.eval()
     correct = iters_sum = 0.0
     iters_max = 0
-    for x, y in data.batches(batch_size, device=cfg.device):
+    for x, y in data.batches(batch_size, device=device or cfg.device):
         logits, info = model(x, cfg.tol, cfg.max_iter, cfg.solver)
         correct += float((logits.argmax(1) == y).sum())
         iters_sum += float(info.iterations.sum())
@@ -177,17 +202,34 @@ def main(args: argparse.Namespace) -> None:
         raise CheckpointError("--device cuda was asked for but torch sees no CUDA device")
     out = Path(args.out)
     _check_writable(out)
+    world = setup(cfg.device)
+    try:
+        _train(args, model_cfg, cfg, resume_payload, out, world)
+    finally:
+        teardown(world)
 
+
+def _train(
+    args: argparse.Namespace,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    resume_payload: dict[str, Any] | None,
+    out: Path,
+    world: World,
+) -> None:
+    if not world.is_main:
+        log.setLevel(logging.WARNING)
+    device = device_for(world, cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     model = FPN(model_cfg)
     if resume_payload is not None:
         model.load_state_dict(resume_payload["state_dict"])
-    model.to(cfg.device)
+    model.to(device)
     train = load_split(cfg.dataset, Path(args.data_root), train=True, limit=cfg.limit_train)
     test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=cfg.limit_test)
     log.info(
-        "%s on %s: %d parameters, %d train / %d test images, backprop %s, device %s",
+        "%s on %s: %d parameters, %d train / %d test images, backprop %s, device %s, %d process(es)",
         model_cfg.arch,
         cfg.dataset,
         model.num_parameters(),
@@ -195,6 +237,7 @@ def main(args: argparse.Namespace) -> None:
         len(test),
         cfg.backprop,
         cfg.device,
+        world.size,
     )
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -216,19 +259,24 @@ def main(args: argparse.Namespace) -> None:
             cfg.epochs,
         )
         earlier = Path(args.resume).parent / "metrics.jsonl"
-        if earlier.is_file() and earlier.resolve() != metrics_path.resolve():
+        if world.is_main and earlier.is_file() and earlier.resolve() != metrics_path.resolve():
             metrics_path.write_text(earlier.read_text())  # the new folder holds the whole history
         if first_epoch > cfg.epochs:
             raise CheckpointError(f"{args.resume} already finished all {cfg.epochs} epochs")
-    else:
+    elif world.is_main:
         metrics_path.write_text("")
     for epoch in range(first_epoch, cfg.epochs + 1):
         started = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, train, optimizer, cfg, generator, epoch))
+        row.update(train_one_epoch(model, train, optimizer, cfg, generator, epoch, world))
         scheduler.step()
         row["train_seconds"] = time.perf_counter() - started
-        row.update(evaluate(model, test, cfg))
+        row["processes"] = world.size
+        row["param_divergence"] = parameter_divergence(model, world)  # 0.0: the processes are in step
+        if not world.is_main:
+            barrier(world)  # process 0 evaluates and writes; the others wait for it
+            continue
+        row.update(evaluate(model, test, cfg, device))
         row["seconds"] = time.perf_counter() - started
         row["lipschitz_bound"] = model.T.lipschitz_bound()
         row["device"] = cfg.device
@@ -259,6 +307,7 @@ def main(args: argparse.Namespace) -> None:
             row["max_iterations"],
             row["seconds"],
         )
+        barrier(world)
     log.info("wrote %s and %s", out / "checkpoint.pt", metrics_path)
 
 

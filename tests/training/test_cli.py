@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,7 +217,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     real = train_mod.train_one_epoch
 
     def interrupted(*args: object, **kwargs: object) -> dict[str, float]:
-        if args[-1] == 2:  # the epoch number: stop the run as Ctrl-C would
+        if args[5] == 2:  # the epoch number: stop the run as Ctrl-C would
             raise KeyboardInterrupt
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
@@ -241,3 +242,40 @@ def test_train_and_export_without_torch_say_what_to_install() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "pip install 'fpn-serve[train]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process_on_the_global_batch(tmp_path: Path, mnist_root: Path) -> None:
+    common = [
+        "--epochs",
+        "2",
+        "--limit-train",
+        "256",
+        "--limit-test",
+        "64",
+        "--seed",
+        "4",
+        "--data-root",
+        str(mnist_root),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp = subprocess.run(
+        [*torchrun, "-m", "training.train", *common, "--batch-size", "32", "--out", str(tmp_path / "ddp")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = train_cli([*common, "--batch-size", "64", "--out", str(tmp_path / "one")])
+    assert single == 0
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in rows] == [2, 2]
+    assert all(r["param_divergence"] == 0.0 for r in rows)  # the two processes stayed identical
+    a = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["state_dict"]
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_loss"] == pytest.approx(one_rows[-1]["train_loss"], rel=1e-4)
