@@ -69,7 +69,7 @@ class ServerConfig:
             max_inputs=settings.max_inputs,
             max_queue=settings.max_queue,
             request_timeout_s=settings.request_timeout_s,
-            token=settings.token.get_secret_value() if settings.token is not None else None,
+            token=(settings.token.get_secret_value() or None) if settings.token is not None else None,  # "" = unset
         )
 
 
@@ -226,11 +226,11 @@ def _json_inputs(body: bytes, engine: Engine, max_inputs: int) -> np.ndarray:
     return x
 
 
-async def _within(work: Any, seconds: float) -> Any:
+async def within(work: Any, seconds: float) -> Any:
     """Await ``work`` for at most ``seconds``; 504 after that (use deadline_ms for anytime answers)."""
     try:
         return await asyncio.wait_for(work, seconds)
-    except TimeoutError as exc:
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # distinct types before Python 3.11
         raise HTTPException(504, f"the request took longer than {seconds:g} s; pass deadline_ms to bound it") from exc
 
 
@@ -429,9 +429,9 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
         if solver == "fixed_point":  # shares the model's active batch with concurrent requests
             future = registry.schedulers[engine.name].submit(x, tol_used, max_iter_used, deadline_ms=deadline_ms)
-            result = await _within(asyncio.wrap_future(future), config.request_timeout_s)
+            result = await within(asyncio.wrap_future(future), config.request_timeout_s)
         else:
-            result = await _within(
+            result = await within(
                 run_in_threadpool(engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms),
                 config.request_timeout_s,
             )

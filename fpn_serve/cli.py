@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         kwargs: dict[str, Any] = {"help": f"{info.description} [env FPN_SERVE_{name.upper()}]", "dest": name}
         if name == "token":
             kwargs["help"] = "bearer token required on every route but health [env FPN_SERVE_TOKEN; prefer the env]"
-            kwargs["default"] = default.get_secret_value() if default is not None else None
+            kwargs["default"] = None  # never printed by --help; FPN_SERVE_TOKEN applies when the flag is absent
         else:
             kwargs["default"] = default
             kwargs["type"] = type(default) if not isinstance(default, str) else str
@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     try:
-        settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields})
+        given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}
+        if given["token"] is None:
+            del given["token"]  # keep FPN_SERVE_TOKEN from the environment
+        settings = Settings(**given)
     except ValidationError as exc:
         parser.error("; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()))
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from . import __version__
-from .app import ModelRegistry, Registry, ServerConfig, read_body
+from .app import ModelRegistry, Registry, ServerConfig, read_body, within
 from .engine import ClassifyResult, Engine
 from .errors import InputError
 from .scheduler import QueueFull
@@ -111,9 +111,8 @@ def _parse_request(body: bytes, engine: Engine, max_inputs: int) -> tuple[np.nda
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise V2Error("'parameters' must be an object")
-    unknown = set(params) - set(PARAMETERS)
-    if unknown:
-        raise V2Error(f"unknown parameters {sorted(unknown)}; allowed: {', '.join(PARAMETERS)}")
+    # other parameters (tritonclient adds binary_data_output, for one) are ignored, as the protocol allows
+    params = {k: v for k, v in params.items() if k in PARAMETERS}
     requested = doc.get("outputs")
     names = list(OUTPUTS)
     if requested is not None:
@@ -174,7 +173,8 @@ def build_router(config: ServerConfig) -> APIRouter:
             engine = _engine(registry, name, version)
         except V2Error as exc:
             return _error(str(exc), exc.status)
-        return JSONResponse({"name": engine.name, "ready": engine.name in registry.schedulers})
+        ok = engine.name in registry.schedulers and not registry.draining
+        return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
 
     @router.post("/models/{name}/infer", summary="v2 inference")
     @router.post("/models/{name}/versions/{version}/infer", summary="v2 inference (one version)")
@@ -196,10 +196,11 @@ def build_router(config: ServerConfig) -> APIRouter:
             deadline_ms = params.get("deadline_ms")
             if solver == "fixed_point":
                 future = registry.schedulers[engine.name].submit(x, tol, max_iter, deadline_ms=deadline_ms)
-                result = await asyncio.wrap_future(future)
+                result = await within(asyncio.wrap_future(future), config.request_timeout_s)
             else:
-                result = await run_in_threadpool(
-                    engine.classify, x, tol, max_iter, solver=solver, deadline_ms=deadline_ms
+                result = await within(
+                    run_in_threadpool(engine.classify, x, tol, max_iter, solver=solver, deadline_ms=deadline_ms),
+                    config.request_timeout_s,
                 )
         except V2Error as exc:
             return _error(str(exc), exc.status)

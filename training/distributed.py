@@ -2,8 +2,9 @@
 
 Every process holds the whole model and the same shuffling generator, so all of them see the same
 global batch order; process r trains on slice r of each global batch of ``batch_size x world``
-samples, and the gradients are averaged before every optimiser step. The result equals one process
-training on the global batch. Process 0 evaluates and writes the checkpoint and metrics.
+samples, its loss weighted by its share of the global batch, and the gradients are summed before
+every optimiser step. The result equals one process training on the global batch, uneven last
+batches included. Process 0 evaluates and writes the checkpoint and metrics.
 
     torchrun --nproc_per_node 4 -m training.train --device cuda ...            # one machine
     torchrun --nnodes 2 --node_rank 0 --master_addr HOST --master_port 29500 \\
@@ -13,6 +14,7 @@ training on the global batch. Process 0 evaluates and writes the checkpoint and 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,13 +53,24 @@ def device_for(world: World, device: str) -> str:
     return f"cuda:{world.local_rank}" if device == "cuda" and world.active else device
 
 
-def average_gradients(model: nn.Module, world: World) -> None:
+def sum_gradients(model: nn.Module, world: World) -> None:
+    """Sum each gradient over the processes (each already carries its share of the global mean).
+
+    A process with no samples in a short last batch contributes zeros.
+    """
     if not world.active:
         return
     for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world.size
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+
+def prepare_data_once(world: World, prepare: Callable[[], object]) -> None:
+    """Let one process per machine fetch the data set while the others wait, then all read it."""
+    if world.local_rank == 0:
+        prepare()
+    barrier(world)
 
 
 def sum_over_ranks(values: list[float], world: World, device: str) -> list[float]:

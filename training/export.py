@@ -261,6 +261,8 @@ def export(args: argparse.Namespace) -> Path:
         spec = dataset_spec(cfg.dataset)
         tol = args.tol if args.tol is not None else cfg.tol
         max_iter = args.max_iter if args.max_iter is not None else max(100, cfg.max_iter)
+        if cfg.backprop == "explicit":  # the explicit twin is one application of T from u = 0
+            max_iter = 1
         test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=args.calibration_limit)
         x, y = test.normalise(test.images).numpy(), test.labels.numpy()
         log.info("exporting %s (%d parameters) to ONNX opset %d", model.config.arch, model.num_parameters(), args.opset)

@@ -21,18 +21,19 @@ from torch import nn
 from tqdm import tqdm
 
 from . import architectures
-from .backprop import BACKPROP, get_backprop
+from .backprop import BACKPROP, AdjointCounter, get_backprop
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DATASETS, DataError, TensorSplit, load_split
 from .distributed import (
     World,
-    average_gradients,
     barrier,
     device_for,
     max_over_ranks,
     parameter_divergence,
+    prepare_data_once,
     setup,
+    sum_gradients,
     sum_over_ranks,
     teardown,
 )
@@ -86,13 +87,14 @@ def train_one_epoch(
     world = world or World()
     model.train()
     step = get_backprop(cfg.backprop)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss = correct = seen = iters_sum = 0.0
     iters_max = 0
     order = torch.randperm(len(data), generator=generator)  # the same on every process
     # augmentation draws its own numbers, per epoch and process, so shuffling stays in step
     augment = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 1_009 + world.rank)
     global_batch = cfg.batch_size * world.size
+    AdjointCounter.products = 0
     device = device_for(world, cfg.device)
     bar = tqdm(
         range(0, len(data), global_batch),
@@ -104,31 +106,34 @@ def train_one_epoch(
     for start in bar:
         chunk = order[start : start + global_batch]
         idx = chunk.tensor_split(world.size)[world.rank]
-        if len(idx) == 0:  # a short last batch can leave a process without samples
-            idx = chunk[:1]
-        images = random_shift(data.images[idx].to(device), cfg.augment_shift, augment)
-        images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, augment)
-        x = data.normalise(images)
-        y = data.labels[idx].to(device)
-        logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
-        loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model, world)
+        if len(idx):
+            images = random_shift(data.images[idx].to(device), cfg.augment_shift, augment)
+            images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, augment)
+            x = data.normalise(images)
+            y = data.labels[idx].to(device)
+            logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
+            # each process's share of the mean over the global batch: summed over processes below,
+            # the gradient is exactly that of one process on the whole global batch
+            loss_sum = loss_fn(logits, y)
+            (loss_sum / len(chunk)).backward()
+            n = y.shape[0]
+            total_loss += float(loss_sum.detach())
+            correct += float((logits.argmax(1) == y).sum())
+            seen += n
+            iters_sum += float(info.iterations.sum())
+            iters_max = max(iters_max, int(info.iterations.max()))
+        sum_gradients(model, world)
         optimizer.step()
-        n = y.shape[0]
-        total_loss += float(loss.detach()) * n
-        correct += float((logits.argmax(1) == y).sum())
-        seen += n
-        iters_sum += float(info.iterations.sum())
-        iters_max = max(iters_max, int(info.iterations.max()))
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", iters=f"{iters_sum / seen:.1f}")
+        if seen:
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}", iters=f"{iters_sum / seen:.1f}")
     total_loss, correct, seen, iters_sum = sum_over_ranks([total_loss, correct, seen, iters_sum], world, device)
     return {
         "train_loss": total_loss / seen,
         "train_accuracy": correct / seen,
         "mean_iterations": iters_sum / seen,
         "max_iterations": int(max_over_ranks(iters_max, world, device)),
+        "jacobian_products": AdjointCounter.products,  # of the implicit backward (ift); 0 otherwise
     }
 
 
@@ -226,6 +231,7 @@ def _train(
     if resume_payload is not None:
         model.load_state_dict(resume_payload["state_dict"])
     model.to(device)
+    prepare_data_once(world, lambda: load_split(cfg.dataset, Path(args.data_root), train=False, limit=1))
     train = load_split(cfg.dataset, Path(args.data_root), train=True, limit=cfg.limit_train)
     test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=cfg.limit_test)
     log.info(

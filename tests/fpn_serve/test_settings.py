@@ -116,3 +116,17 @@ def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(shipped_mod
             proc.kill()
         output = proc.communicate()[0].decode()
     assert "Traceback" not in output
+
+
+def test_help_never_prints_the_token() -> None:
+    env = {**__import__("os").environ, "FPN_SERVE_TOKEN": "topsecret"}
+    proc = subprocess.run([sys.executable, "-m", "fpn_serve.cli", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "--token" in proc.stdout and "topsecret" not in proc.stdout
+
+
+def test_an_empty_token_means_no_token() -> None:
+    from fpn_serve.app import ServerConfig
+    from fpn_serve.settings import Settings
+
+    assert ServerConfig.from_settings(Settings(token=""), ()).token is None
+    assert ServerConfig.from_settings(Settings(token="x"), ()).token == "x"

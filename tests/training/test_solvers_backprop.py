@@ -72,5 +72,40 @@ def test_jfb_gradient_is_the_gradient_through_one_application_of_T() -> None:
 def test_registries_name_the_valid_choices() -> None:
     with pytest.raises(ValueError, match="available: fixed_point"):
         get_solver("newton")
-    with pytest.raises(ValueError, match="available: jfb"):
+    with pytest.raises(ValueError, match="available: explicit, ift, jfb, unrolled"):
         get_backprop("magic")
+
+
+@pytest.mark.parametrize("adjoint", ["fixed_point", "cg"])
+def test_implicit_gradient_matches_backprop_through_a_long_unrolled_loop(adjoint: str) -> None:
+    from training.backprop import AdjointCounter, ift, unrolled
+
+    torch.manual_seed(0)
+    model = FPN(ModelConfig(gamma=0.9)).double()
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+
+    def gradient(step: object, **kw: object) -> torch.Tensor:
+        model.zero_grad()
+        logits, _ = step(model, x, 1e-13, 3000, **kw)  # type: ignore[operator]
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = gradient(unrolled)
+    AdjointCounter.products = 0
+    implicit = gradient(ift, adjoint=adjoint, adjoint_tol=1e-12, adjoint_max_iter=3000)
+    assert AdjointCounter.products > 0
+    assert float((implicit - reference).norm() / reference.norm()) <= 1e-4
+    # Jacobian-free backprop is an approximation of it, not the same gradient
+    assert float((gradient(jfb) - reference).norm() / reference.norm()) > 1e-2
+
+
+def test_explicit_twin_applies_one_latent_layer() -> None:
+    from training.backprop import explicit
+
+    model = _model(2)
+    x = torch.randn(4, 1, 28, 28)
+    logits, info = explicit(model, x, 1e-4, 50)
+    z = model.Q(x)
+    torch.testing.assert_close(logits, model.S(model.T(torch.zeros_like(z), z)))
+    assert info.iterations.tolist() == [1, 1, 1, 1]
