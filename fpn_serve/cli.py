@@ -53,7 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = get_args_parser()
+    try:
+        parser = get_args_parser()
+    except ValidationError as exc:  # a bad FPN_SERVE_* variable
+        problems = "; ".join(f"FPN_SERVE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"fpn-serve: error: {problems}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     try:
         given = {k: v for k, v in vars(args).items() if k in Settings.model_fields}

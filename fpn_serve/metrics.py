@@ -25,7 +25,11 @@ class Metrics:
         r = self.registry
         self.requests = Counter("fpn_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.latency = Histogram(
-            "fpn_request_seconds", "HTTP request latency by route", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            "fpn_request_seconds",
+            "HTTP request latency by route and status",
+            ["route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.iterations = Histogram(
             "fpn_iterations", "T applications per answered input", ["model"], buckets=ITERATION_BUCKETS, registry=r
@@ -45,7 +49,7 @@ class Metrics:
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        self.latency.labels(route, str(status)).observe(seconds)
 
     def observe_result(self, model: str, result: ClassifyResult) -> None:
         it, res = self.iterations.labels(model), self.residual.labels(model)

@@ -10,6 +10,7 @@
   let drawing = false;
   let dirty = false;
   let pending = null;
+  const labelsByModel = {};
 
   function clearPad() {
     ctx.fillStyle = "#000";
@@ -84,7 +85,7 @@
     document.getElementById("bound").textContent = p.error_bound.toExponential(2);
     document.getElementById("converged").textContent = p.converged ? "yes" : "no";
     document.getElementById("latency").textContent = `${data.latency_ms.toFixed(2)} ms`;
-    const labels = window.fpnLabels || p.probabilities.map((_, i) => String(i));
+    const labels = labelsByModel[data.model] || p.probabilities.map((_, i) => String(i));
     const rows = [];
     p.probabilities.forEach((prob, i) => {
       const name = document.createElement("span");
@@ -127,7 +128,7 @@
         option.textContent = m.name;
         modelSelect.append(option);
       }
-      if (models.length) window.fpnLabels = models[0].labels;
+      for (const m of models) labelsByModel[m.name] = m.labels;
     } catch (e) {
       error.textContent = `cannot list the models: ${e}`;
     }

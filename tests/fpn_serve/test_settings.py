@@ -130,3 +130,10 @@ def test_an_empty_token_means_no_token() -> None:
 
     assert ServerConfig.from_settings(Settings(token=""), ()).token is None
     assert ServerConfig.from_settings(Settings(token="x"), ()).token == "x"
+
+
+def test_a_bad_environment_variable_is_one_clear_line() -> None:
+    env = {**__import__("os").environ, "FPN_SERVE_PORT": "abc"}
+    proc = subprocess.run([sys.executable, "-m", "fpn_serve.cli"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "FPN_SERVE_PORT: Input should be a valid integer" in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
