@@ -26,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from . import __version__
@@ -250,9 +251,10 @@ class GuardAndCount:
         if self.expected is not None and scope["path"] not in self.open_paths:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
+                key = "error" if scope["path"].startswith("/v2") else "detail"
                 response = JSONResponse(
                     status_code=401,
-                    content={"detail": "this server needs 'Authorization: Bearer <token>' on every route but health"},
+                    content={key: "this server needs 'Authorization: Bearer <token>' on every route but health"},
                     headers={"WWW-Authenticate": "Bearer"},
                 )
                 await response(scope, receive, send)
@@ -345,6 +347,12 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "body"))
             parts.append(f"{where}: {err.get('msg')} (got {err.get('input')!r})")
         return JSONResponse(status_code=422, content={"detail": "; ".join(parts)})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # the Open Inference Protocol's error shape on its routes, FastAPI's everywhere else
+        key = "error" if request.url.path.startswith("/v2") else "detail"
+        return JSONResponse(status_code=exc.status_code, content={key: exc.detail}, headers=exc.headers)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError) -> JSONResponse:

@@ -36,6 +36,7 @@ def test_the_token_guards_every_route_but_health(locked: httpx.Client) -> None:
     for method, path in [("GET", "/models"), ("GET", "/metrics"), ("POST", "/classify"), ("GET", "/v2/models/mnist")]:
         r = locked.request(method, path, json=ONE)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+        assert set(r.json()) == ({"error"} if path.startswith("/v2") else {"detail"})
         wrong = locked.request(method, path, json=ONE, headers={"authorization": "Bearer guess"})
         assert wrong.status_code == 401
     ok = locked.post("/classify", json=ONE, headers={"authorization": "Bearer s3cret"})

@@ -132,3 +132,9 @@ def test_a_triton_client_request_works_unchanged(server: httpx.Client, digits: t
     assert r.status_code == 200, r.text
     out = {o["name"]: o["data"] for o in r.json()["outputs"]}
     assert out["label"] == y[:2].tolist()
+
+
+def test_errors_before_routing_keep_the_v2_shape(server: httpx.Client) -> None:
+    for r in (server.get("/v2/no/such/route"), server.post("/v2/health/live")):
+        assert r.status_code in (404, 405) and set(r.json()) == {"error"}
+    assert set(server.get("/no/such/route").json()) == {"detail"}  # elsewhere: FastAPI's shape
