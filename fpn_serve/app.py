@@ -277,6 +277,30 @@ class GuardAndCount:
                 reg.metrics.observe_request(path, status, time.perf_counter() - started)
 
 
+async def run_model(
+    registry: ModelRegistry,
+    engine: Engine,
+    x: np.ndarray,
+    tol: float | None,
+    max_iter: int | None,
+    solver: str,
+    deadline_ms: float | None,
+    config: ServerConfig,
+) -> ClassifyResult:
+    """Answer one request: plain fixed-point requests share the model's active batch (the
+    scheduler), other solvers run on their own in a worker thread; both within the timeout."""
+    if solver == "fixed_point":
+        future = registry.schedulers[engine.name].submit(x, tol, max_iter, deadline_ms=deadline_ms)
+        result: ClassifyResult = await within(asyncio.wrap_future(future), config.request_timeout_s)
+    else:
+        result = await within(
+            run_in_threadpool(engine.classify, x, tol, max_iter, solver=solver, deadline_ms=deadline_ms),
+            config.request_timeout_s,
+        )
+    registry.metrics.observe_result(engine.name, result)
+    return result
+
+
 def _refuse_booleans(value: Any) -> None:
     """JSON true/false would silently become 1.0/0.0: refuse them as non-numeric."""
     stack = [value]
@@ -435,15 +459,7 @@ def create_app(config: ServerConfig, registry: ModelRegistry | None = None) -> F
                 x = await run_in_threadpool(images_to_batch, blobs, engine.manifest.input, max_pixels=config.max_pixels)
         if deadline_ms is not None:  # the deadline counts from the request's arrival
             deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
-        if solver == "fixed_point":  # shares the model's active batch with concurrent requests
-            future = registry.schedulers[engine.name].submit(x, tol_used, max_iter_used, deadline_ms=deadline_ms)
-            result = await within(asyncio.wrap_future(future), config.request_timeout_s)
-        else:
-            result = await within(
-                run_in_threadpool(engine.classify, x, tol_used, max_iter_used, solver=solver, deadline_ms=deadline_ms),
-                config.request_timeout_s,
-            )
-        registry.metrics.observe_result(engine.name, result)
+        result = await run_model(registry, engine, x, tol_used, max_iter_used, solver, deadline_ms, config)
         return _response(engine, result, started, tol_used, max_iter_used, top_k)
 
     @app.get("/models", response_model=list[ModelInfo], summary="The models this server serves")

@@ -15,7 +15,6 @@ protocol specifies.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from typing import Any
@@ -23,10 +22,9 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from . import __version__
-from .app import ModelRegistry, Registry, ServerConfig, read_body, within
+from .app import ModelRegistry, Registry, ServerConfig, read_body, run_model
 from .engine import ClassifyResult, Engine
 from .errors import InputError
 from .scheduler import QueueFull
@@ -194,14 +192,7 @@ def build_router(config: ServerConfig) -> APIRouter:
                 )
             solver = params.get("solver", "fixed_point")
             deadline_ms = params.get("deadline_ms")
-            if solver == "fixed_point":
-                future = registry.schedulers[engine.name].submit(x, tol, max_iter, deadline_ms=deadline_ms)
-                result = await within(asyncio.wrap_future(future), config.request_timeout_s)
-            else:
-                result = await within(
-                    run_in_threadpool(engine.classify, x, tol, max_iter, solver=solver, deadline_ms=deadline_ms),
-                    config.request_timeout_s,
-                )
+            result = await run_model(registry, engine, x, tol, max_iter, solver, deadline_ms, config)
         except V2Error as exc:
             return _error(str(exc), exc.status)
         except InputError as exc:
@@ -217,7 +208,6 @@ def build_router(config: ServerConfig) -> APIRouter:
             if isinstance(status, int) and 400 <= status < 500:  # e.g. the body-size limit
                 return _error(str(getattr(exc, "detail", exc)), status)
             raise
-        registry.metrics.observe_result(engine.name, result)
         answer: dict[str, Any] = {
             "model_name": engine.name,
             "model_version": engine.manifest.version,
