@@ -46,6 +46,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_up(client: httpx.Client, proc: subprocess.Popen[bytes], path: str, seconds: float = 60) -> bool:
+    """Poll ``path`` until it answers 200; False if the process died or time ran out."""
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if client.get(path).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @contextlib.contextmanager
 def running_server(model: Path, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[httpx.Client]:
     """``fpn-serve MODEL`` as a real uvicorn process on a free loopback port, stopped afterwards."""
@@ -59,17 +72,9 @@ def running_server(model: Path, log_dir: Path, env: dict[str, str] | None = None
         env={**os.environ, **(env or {})},
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
-    deadline = time.monotonic() + 60
     try:
-        while True:
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"server did not start: {log_path.read_text()}")
-            time.sleep(0.2)
+        if not wait_until_up(client, proc, "/healthz"):
+            pytest.fail(f"server did not start: {log_path.read_text()}")
         yield client
     finally:
         client.close()

@@ -13,14 +13,13 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from .conftest import _free_port  # type: ignore[import-not-found]
+from .conftest import _free_port, wait_until_up  # type: ignore[import-not-found]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,16 +65,8 @@ def test_the_cpu_image_command_serves_without_torch(serving_venv: Path, tmp_path
     env.pop("PYTHONPATH", None)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            while True:
-                try:
-                    if client.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None and time.monotonic() < deadline, "the image's command did not come up"
-                time.sleep(0.2)
+            assert wait_until_up(client, proc, "/v2/health/ready"), "the image's command did not come up"
             png = (REPO / "examples" / "seven.png").read_bytes()
             r = client.post("/classify", content=png, headers={"content-type": "image/png"})
             assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "7"
