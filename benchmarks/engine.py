@@ -85,7 +85,7 @@ def torch_eager_classify(model: Any, x: Any, tol: float, max_iter: int) -> Any:
 
     with torch.inference_mode():
         z = model.Q(x)
-        w = model.T.linear.weight()
+        w = model.T.weights()
         u = torch.zeros_like(z)
         for _ in range(max_iter):
             u_next = model.T.apply_with(w, u, z)

@@ -55,9 +55,10 @@ def anderson(
     """Anderson acceleration of u <- f(u, z) from u = 0, per sample, with early exit.
 
     Each iteration applies f once to every active sample and mixes the last ``memory`` pairs
-    (u_i, f(u_i)) by the weights that minimise the mixed residual (regularised by ``lam``). A
-    sample stops when ||f(u) - u|| / (||f(u)|| + eps) <= tol and answers f(u), whose distance to
-    the fixed point is bounded by gamma / (1 - gamma) * ||f(u) - u|| like a plain step.
+    (u_i, f(u_i)) by the weights that minimise the mixed residual (regularised by ``lam`` times
+    the residuals' mean squared norm). A sample stops when ||f(u) - u|| / (||f(u)|| + eps) <= tol
+    and answers f(u), whose distance to the fixed point is bounded by gamma / (1 - gamma) *
+    ||f(u) - u|| like a plain step.
     """
     batch = z.shape[0]
     n_flat = int(np.prod(z.shape[1:]))
@@ -93,7 +94,10 @@ def anderson(
         xs[:, slot], gs[:, slot], fs[:, slot] = flat_u, g, flat_f
         m = min(k, memory)
         # weights alpha minimising ||sum_i alpha_i g_i|| with sum alpha = 1, batched over samples
-        gram = np.einsum("bin,bjn->bij", gs[:, :m], gs[:, :m]) + lam * np.eye(m, dtype=np.float32)
+        gram = np.einsum("bin,bjn->bij", gs[:, :m], gs[:, :m])
+        # Tikhonov term relative to the residuals' size, so it neither vanishes nor dominates near the end
+        scale = np.maximum(np.einsum("bii->b", gram) / m, 1e-30).astype(np.float32)
+        gram = gram + lam * scale[:, None, None] * np.eye(m, dtype=np.float32)
         rhs = np.ones((len(u), m, 1), np.float32)
         try:
             sol = np.linalg.solve(gram, rhs)[..., 0]

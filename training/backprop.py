@@ -36,14 +36,14 @@ def unrolled(
     Each sample stops on its own residual (a stopped sample is carried unchanged), as in the solver.
     """
     z = model.Q(x)
-    weight = model.T.linear.weight()
+    weights = model.T.weights()
     u = torch.zeros(z.shape[0], model.config.latent_dim, device=z.device, dtype=z.dtype)
     batch = z.shape[0]
     iterations = torch.zeros(batch, dtype=torch.int64, device=z.device)
     res = torch.full((batch,), float("inf"), device=z.device)
     active = torch.ones(batch, dtype=torch.bool, device=z.device)
     for _ in range(max_iter):
-        u_next = model.T.apply_with(weight, u, z)
+        u_next = model.T.apply_with(weights, u, z)
         with torch.no_grad():
             r = residual(u_next, u)
         u = torch.where(active[:, None], u_next, u)
@@ -158,9 +158,10 @@ def ift(
 def explicit(
     model: FPN, x: torch.Tensor, tol: float, max_iter: int, solver: str = "fixed_point"
 ) -> tuple[torch.Tensor, SolverInfo]:
-    """The explicit twin: the same Q and S with one latent layer, u = T(0, Q(d))."""
+    """The explicit twin: the same Q and S with one latent layer (``Latent.explicit``, u = T(0, Q(d))
+    for most architectures)."""
     z = model.Q(x)
-    u = model.T(torch.zeros_like(z), z)
+    u = model.T.explicit(z)
     ones = torch.ones(z.shape[0], dtype=torch.int64, device=z.device)
     zero = torch.zeros(z.shape[0], device=z.device)
     return model.S(u), SolverInfo(ones, zero, zero <= tol)

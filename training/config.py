@@ -27,6 +27,10 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
+    lr_schedule: str = "cosine"  # cosine annealing over the run, "step" decay, or "constant"
+    lr_step_epochs: int = 10  # step schedule: multiply by lr_decay every this many epochs
+    lr_decay: float = 0.98
+    loss: str = "ce"  # cross entropy, or "mse" between softmax and one-hot (the paper's MNIST choice)
     weight_decay: float = 0.0
     tol: float = 1e-4
     max_iter: int = 50
@@ -34,6 +38,8 @@ class TrainConfig:
     augment_shift: int = 0  # random translation by up to this many pixels, training only
     augment_rotate: float = 0.0  # random rotation by up to this many degrees, training only
     augment_scale: float = 0.0  # random zoom by a factor in [1 - s, 1 + s], training only
+    augment_flip: bool = False  # random horizontal flip, training only (CIFAR-10, not digits)
+    preset: str | None = None  # the --preset the run started from, for the record
     seed: int = 0
     limit_train: int | None = None
     limit_test: int | None = None

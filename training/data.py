@@ -75,6 +75,30 @@ DATASETS: dict[str, DatasetSpec] = {
             "Ankle boot",
         ),
     ),
+    "svhn": DatasetSpec(
+        "svhn", (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), tuple(str(i) for i in range(10))
+    ),
+    "cifar10": DatasetSpec(
+        "cifar10",
+        (3, 32, 32),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+}
+
+# Where to get the datasets that torchvision cannot fetch without internet
+MANUAL_SOURCES = {
+    "svhn": (
+        "SVHN",
+        "train_32x32.mat and test_32x32.mat (the 'cropped digits' format of the Street View House Numbers "
+        "dataset, http://ufldl.stanford.edu/housenumbers/)",
+    ),
+    "cifar10": (
+        "",
+        "the folder cifar-10-batches-py, unpacked from cifar-10-python.tar.gz "
+        "(https://www.cs.toronto.edu/~kriz/cifar.html)",
+    ),
 }
 
 
@@ -256,6 +280,25 @@ def _torchvision_fashion(root: Path, train: bool) -> tuple[torch.Tensor, torch.T
     return ds.data, ds.targets
 
 
+def _torchvision_colour(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVHN or CIFAR-10 from files already under ``root`` (never downloads), as [N, 3, 32, 32] uint8."""
+    from torchvision import datasets
+
+    folder, what = MANUAL_SOURCES[name]
+    where = root / folder if folder else root
+    try:
+        if name == "svhn":
+            svhn = datasets.SVHN(str(where), split="train" if train else "test", download=False)
+            return torch.from_numpy(svhn.data), torch.from_numpy(svhn.labels).long()
+        cifar = datasets.CIFAR10(str(where), train=train, download=False)
+        return torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(cifar.targets)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DataError(
+            f"{name} is not under {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"this machine cannot download it, so put {what} in {where}"
+        ) from exc
+
+
 def prepare_mnist(root: Path, *, try_download: bool = True) -> None:
     """Make sure torchvision's MNIST files exist under ``root``; raise DataError if impossible."""
     tried: list[str] = []
@@ -312,12 +355,16 @@ def load_split(name: str, root: Path, *, train: bool, limit: int | None = None) 
     """Load one split of a dataset into memory, preparing its files first if needed."""
     spec = dataset_spec(name)
     root = Path(root)
-    if name == "mnist":
-        prepare_mnist(root)
-        images, labels = _torchvision_mnist(root, train, download=False)
+    if name in MANUAL_SOURCES:
+        images, labels = _torchvision_colour(name, root, train)
     else:
-        prepare_fashion_mnist(root)
-        images, labels = _torchvision_fashion(root, train)
+        if name == "mnist":
+            prepare_mnist(root)
+            images, labels = _torchvision_mnist(root, train, download=False)
+        else:
+            prepare_fashion_mnist(root)
+            images, labels = _torchvision_fashion(root, train)
+        images = images.unsqueeze(1)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
-    return TensorSplit(images.unsqueeze(1).contiguous(), labels.long(), spec)
+    return TensorSplit(images.contiguous(), labels.long(), spec)

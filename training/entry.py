@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-TRAIN_EXTRA = {"torch", "torchvision", "onnx", "onnxscript", "onnxconverter_common", "tqdm", "matplotlib"}
+TRAIN_EXTRA = {"torch", "torchvision", "onnx", "onnxscript", "onnxconverter_common", "tqdm", "matplotlib", "scipy"}
 
 
 def _run(module: str, prog: str) -> None:

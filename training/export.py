@@ -70,15 +70,20 @@ class _QGraph(nn.Module):
 
 
 class _TGraph(nn.Module):
-    """T with its spectrally normalised weight frozen into a constant."""
+    """T with its spectrally normalised weights frozen into constants."""
 
     def __init__(self, model: FPN) -> None:
         super().__init__()
         self.t = model.T
-        self.register_buffer("weight", model.T.linear.weight().detach().clone())
+        with torch.no_grad():
+            weights = model.T.weights()
+        self.count = len(weights)
+        for i, w in enumerate(weights):
+            self.register_buffer(f"w{i}", w.detach().clone())
 
     def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return self.t.apply_with(self.weight, u, z)
+        weights = tuple(getattr(self, f"w{i}") for i in range(self.count))
+        return self.t.apply_with(weights, u, z)
 
 
 class _SGraph(nn.Module):
@@ -184,8 +189,8 @@ def build_manifest(
         "labels": list(spec.labels),
         "contraction": {
             "gamma": model.T.lipschitz_bound(),
-            "method": "architectural bound: gamma_u * ||W||_2 with ||W||_2 <= 1 enforced by "
-            "exact spectral normalisation; ReLU is 1-Lipschitz",
+            "method": f"architectural bound of {type(model.T).__name__}: gamma times the spectral norms on "
+            "T's u-path (each <= 1 by exact spectral normalisation); activations 1-Lipschitz",
         },
         "solver": {"tol": tol, "max_iter": max_iter, "residual": RESIDUAL, "start": "u = 0"},
         "opset": opset,
@@ -214,11 +219,11 @@ def check_parity(model: FPN, engine: Engine, x: np.ndarray, tol: float, max_iter
     """
     xt = torch.from_numpy(x)
     fixed_iters = min(max_iter, 30)
-    weight = model.T.linear.weight()
+    weights = model.T.weights()
     z = model.Q(xt)
     u = torch.zeros(len(x), model.config.latent_dim)
     for _ in range(fixed_iters):
-        u = model.T.apply_with(weight, u, z)
+        u = model.T.apply_with(weights, u, z)
     torch_fixed = model.S(u).numpy()
     onnx_fixed = engine.classify_fixed(x, fixed_iters).logits
     gap = float(np.abs(onnx_fixed - torch_fixed).max())

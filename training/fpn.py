@@ -30,9 +30,9 @@ class FPN(nn.Module):
         self, z: torch.Tensor, tol: float, max_iter: int, solver: str = "fixed_point"
     ) -> tuple[torch.Tensor, SolverInfo]:
         """Find u* = T(u*, z) from u = 0 without building a graph."""
-        weight = self.T.linear.weight()
+        weights = self.T.weights()
         u0 = torch.zeros(z.shape[0], self.config.latent_dim, device=z.device, dtype=z.dtype)
-        return get_solver(solver)(lambda u: self.T.apply_with(weight, u, z), u0, tol, max_iter)
+        return get_solver(solver)(lambda u: self.T.apply_with(weights, u, z), u0, tol, max_iter)
 
     def forward(
         self, x: torch.Tensor, tol: float = 1e-4, max_iter: int = 100, solver: str = "fixed_point"

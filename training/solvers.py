@@ -53,9 +53,80 @@ def fixed_point(f: Map, u0: torch.Tensor, tol: float, max_iter: int) -> tuple[to
     return u, SolverInfo(iterations, res, res <= tol)
 
 
+@torch.no_grad()
+def anderson(
+    f: Map, u0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, lam: float = 1e-4
+) -> tuple[torch.Tensor, SolverInfo]:
+    """Anderson acceleration with per-sample stopping (the algorithm of ``fpn_serve.solvers.anderson``).
+
+    Each iteration applies f once and moves every active sample to the mix of its last ``memory``
+    outputs f(u_i) whose residuals f(u_i) - u_i combine to the smallest norm (weights summing to 1,
+    Tikhonov term ``lam`` relative to the mean squared residual). A sample stops when the residual
+    of its latest f(u) is <= tol and keeps that f(u), so the answer and the error bound
+    gamma / (1 - gamma) * step mean what they mean for plain iteration.
+    """
+    batch = u0.shape[0]
+    dev = u0.device
+    flat = u0.flatten(1)
+    n = flat.shape[1]
+    u = u0
+    out = u0.clone()
+    iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
+    res = torch.full((batch,), float("inf"), device=dev)
+    active = torch.ones(batch, dtype=torch.bool, device=dev)
+    gs = torch.zeros(batch, memory, n, device=dev, dtype=u0.dtype)  # past residuals f(u_i) - u_i
+    fs = torch.zeros(batch, memory, n, device=dev, dtype=u0.dtype)  # past outputs f(u_i)
+    eye = torch.eye(memory, device=dev, dtype=u0.dtype)
+    for k in range(1, max_iter + 1):
+        fu = f(u)
+        r = residual(fu, u)
+        mask = active.view(-1, *([1] * (u.dim() - 1)))
+        out = torch.where(mask, fu, out)
+        res = torch.where(active, r, res)
+        iterations += active.long()
+        active = active & (r > tol)
+        if not bool(active.any()):
+            break
+        slot = (k - 1) % memory
+        gs[:, slot] = (fu - u).flatten(1)
+        fs[:, slot] = fu.flatten(1)
+        m = min(k, memory)
+        gram = gs[:, :m] @ gs[:, :m].transpose(1, 2)
+        # Tikhonov term relative to the residuals' size, so it neither vanishes nor dominates near the end
+        scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(1e-30)
+        gram = gram + lam * scale[:, None, None] * eye[:m, :m]
+        sol = torch.linalg.solve(gram, torch.ones(batch, m, 1, device=dev, dtype=u0.dtype))[..., 0]
+        alpha = sol / sol.sum(dim=1, keepdim=True)
+        u = (alpha[:, None, :] @ fs[:, :m])[:, 0].view_as(u)
+    return out, SolverInfo(iterations, res, res <= tol)
+
+
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverInfo]]] = {
     "fixed_point": fixed_point,
+    "anderson": anderson,
 }
+
+
+def measured_contraction(f: Map, points: torch.Tensor, iters: int = 30, seed: int = 0) -> float:
+    """Largest ||df/du|| over the samples of ``points``, by power iteration on J^T J per sample.
+
+    f must act on each sample alone (as every T does). J^T w is a vector-Jacobian product and J v
+    the gradient of <J^T w, v> in w, so this needs no Jacobian matrix: about ``3 * iters`` products.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(points.shape, generator=gen).to(points)
+    sigma = torch.zeros(points.shape[0], device=points.device)
+    with torch.enable_grad():
+        u = points.detach().requires_grad_()
+        out = f(u)
+        w = torch.zeros_like(out, requires_grad=True)
+        (jtw,) = torch.autograd.grad(out, u, w, create_graph=True)
+        for _ in range(iters):
+            v = v / (v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1))) + 1e-30)
+            (jv,) = torch.autograd.grad(jtw, w, v, retain_graph=True)
+            (v,) = torch.autograd.grad(out, u, jv, retain_graph=True)
+            sigma = jv.flatten(1).norm(dim=1)
+    return float(sigma.max())
 
 
 def get_solver(name: str) -> Callable[..., tuple[torch.Tensor, SolverInfo]]:

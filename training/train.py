@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import replace
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import architectures
+from . import architectures, presets
 from .backprop import BACKPROP, AdjointCounter, get_backprop
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -38,7 +39,7 @@ from .distributed import (
     teardown,
 )
 from .fpn import FPN
-from .solvers import SOLVERS
+from .solvers import SOLVERS, measured_contraction
 
 log = logging.getLogger("fpn-train")
 
@@ -74,6 +75,35 @@ def random_affine(images: torch.Tensor, rotate_deg: float, scale: float, generat
     return out.round().clamp(0, 255).to(images.dtype)
 
 
+def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror each image [B, C, H, W] left to right with probability 1/2."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip[:, None, None, None], images.flip(3), images)
+
+
+def loss_sum(logits: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed over the batch: cross entropy, or squared error between softmax and one-hot ("mse")."""
+    if kind == "mse":
+        target = nn.functional.one_hot(y, logits.shape[1]).to(logits.dtype)
+        return ((logits.softmax(dim=1) - target) ** 2).sum()
+    return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_decay)
+    if cfg.lr_schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+
+
+def peak_memory_mb(device: str) -> tuple[float, str]:
+    """Peak memory so far: CUDA memory allocated by torch on a GPU, else the process's peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
 def train_one_epoch(
     model: FPN,
     data: TensorSplit,
@@ -87,7 +117,6 @@ def train_one_epoch(
     world = world or World()
     model.train()
     step = get_backprop(cfg.backprop)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss = correct = seen = iters_sum = 0.0
     iters_max = 0
     order = torch.randperm(len(data), generator=generator)  # the same on every process
@@ -96,6 +125,9 @@ def train_one_epoch(
     global_batch = cfg.batch_size * world.size
     AdjointCounter.products = 0
     device = device_for(world, cfg.device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
     bar = tqdm(
         range(0, len(data), global_batch),
         desc=f"epoch {epoch}/{cfg.epochs}",
@@ -110,15 +142,17 @@ def train_one_epoch(
         if len(idx):
             images = random_shift(data.images[idx].to(device), cfg.augment_shift, augment)
             images = random_affine(images, cfg.augment_rotate, cfg.augment_scale, augment)
+            if cfg.augment_flip:
+                images = random_flip(images, augment)
             x = data.normalise(images)
             y = data.labels[idx].to(device)
             logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
             # each process's share of the mean over the global batch: summed over processes below,
             # the gradient is exactly that of one process on the whole global batch
-            loss_sum = loss_fn(logits, y)
-            (loss_sum / len(chunk)).backward()
+            batch_loss = loss_sum(logits, y, cfg.loss)
+            (batch_loss / len(chunk)).backward()
             n = y.shape[0]
-            total_loss += float(loss_sum.detach())
+            total_loss += float(batch_loss.detach())
             correct += float((logits.argmax(1) == y).sum())
             seen += n
             iters_sum += float(info.iterations.sum())
@@ -126,7 +160,12 @@ def train_one_epoch(
         sum_gradients(model, world)
         optimizer.step()
         if seen:
-            bar.set_postfix(loss=f"{total_loss / seen:.4f}", iters=f"{iters_sum / seen:.1f}")
+            bar.set_postfix(
+                loss=f"{total_loss / seen:.4f}",
+                acc=f"{correct / seen:.4f}",
+                iters=f"{iters_sum / seen:.1f}",
+                img_s=f"{seen * world.size / (time.perf_counter() - started):.0f}",
+            )
     total_loss, correct, seen, iters_sum = sum_over_ranks([total_loss, correct, seen, iters_sum], world, device)
     return {
         "train_loss": total_loss / seen,
@@ -155,7 +194,19 @@ def evaluate(
         "test_accuracy": correct / n,
         "test_mean_iterations": iters_sum / n,
         "test_max_iterations": iters_max,
+        "measured_contraction": contraction_at_data(model, data, cfg, device or cfg.device),
     }
+
+
+def contraction_at_data(model: FPN, data: TensorSplit, cfg: TrainConfig, device: str, images: int = 256) -> float:
+    """The largest ||dT/du|| at the fixed points of the first ``images`` test images (power iteration)."""
+    model.eval()
+    x, _ = next(data.batches(min(images, len(data)), device=device))
+    with torch.no_grad():
+        z = model.Q(x)
+        u_star, _ = model.solve(z, cfg.tol, cfg.max_iter, cfg.solver)
+        weights = model.T.weights()
+    return measured_contraction(lambda u: model.T.apply_with(weights, u, z), u_star)
 
 
 def _check_writable(out: Path) -> None:
@@ -168,10 +219,19 @@ def _check_writable(out: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    arch = architectures.get(args.arch)
+    spec = DATASETS[args.dataset]
+    if spec.input_shape != arch.input_shape:
+        fitting = [a for a in architectures.available() if architectures.get(a).input_shape == spec.input_shape]
+        raise ValueError(
+            f"{arch.name} is built for {'x'.join(map(str, arch.input_shape))} inputs but {args.dataset} images are "
+            f"{'x'.join(map(str, spec.input_shape))}; choose an architecture for this dataset "
+            f"({', '.join(fitting)})"
+        )
     model_cfg = ModelConfig(
         arch=args.arch,
         gamma=args.gamma,
-        latent_dim=args.latent_dim,
+        latent_dim=args.latent_dim or arch.latent_dim,
         dropout=args.dropout,
         in_channels=DATASETS[args.dataset].input_shape[0],
         num_classes=len(DATASETS[args.dataset].labels),
@@ -182,6 +242,10 @@ def main(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        lr_step_epochs=args.lr_step_epochs,
+        lr_decay=args.lr_decay,
+        loss=args.loss,
         weight_decay=args.weight_decay,
         tol=args.tol,
         max_iter=args.max_iter,
@@ -189,6 +253,8 @@ def main(args: argparse.Namespace) -> None:
         augment_shift=args.augment_shift,
         augment_rotate=args.augment_rotate,
         augment_scale=args.augment_scale,
+        augment_flip=args.augment_flip,
+        preset=args.preset,
         seed=args.seed,
         limit_train=args.limit_train,
         limit_test=args.limit_test,
@@ -247,7 +313,7 @@ def _train(
     )
 
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(cfg.epochs, 1))
+    scheduler = make_scheduler(optimizer, cfg)
     metrics_path = out / "metrics.jsonl"
     first_epoch = 1
     if resume_payload is not None:
@@ -285,6 +351,7 @@ def _train(
         row.update(evaluate(model, test, cfg, device))
         row["seconds"] = time.perf_counter() - started
         row["lipschitz_bound"] = model.T.lipschitz_bound()
+        row["peak_memory_mb"], row["peak_memory_kind"] = peak_memory_mb(device)
         row["device"] = cfg.device
         if not math.isfinite(row["train_loss"]):
             raise CheckpointError(f"training diverged at epoch {epoch} (loss {row['train_loss']})")
@@ -301,20 +368,57 @@ def _train(
                 "scheduler": scheduler.state_dict(),
                 "generator": generator.get_state(),
                 "rng_state": torch.get_rng_state(),
+                "contraction": {"bound": row["lipschitz_bound"], "measured": row["measured_contraction"]},
             },
         )
+        plot_curves(metrics_path, out / "curves.png")
         log.info(
-            "epoch %d/%d: loss %.4f, test accuracy %.2f %%, mean iterations %.1f (max %d), %.1f s",
+            "epoch %d/%d: loss %.4f, test accuracy %.2f %%, mean iterations %.1f (max %d), contraction %.3f "
+            "(bound %.3f), %.1f s",
             epoch,
             cfg.epochs,
             row["train_loss"],
             100 * row["test_accuracy"],
             row["mean_iterations"],
             row["max_iterations"],
+            row["measured_contraction"],
+            row["lipschitz_bound"],
             row["seconds"],
         )
         barrier(world)
-    log.info("wrote %s and %s", out / "checkpoint.pt", metrics_path)
+    log.info("wrote %s, %s and %s", out / "checkpoint.pt", metrics_path, out / "curves.png")
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Loss, accuracy and iterations per epoch from metrics.jsonl, drawn into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [r["train_loss"] for r in rows], marker="o", ms=3)
+    axes[0].set(title="training loss", xlabel="epoch", yscale="log")
+    axes[1].plot(epochs, [100 * r["train_accuracy"] for r in rows], marker="o", ms=3, label="train")
+    axes[1].plot(epochs, [100 * r["test_accuracy"] for r in rows], marker="o", ms=3, label="test")
+    axes[1].set(title="accuracy (%)", xlabel="epoch")
+    axes[1].legend()
+    axes[2].plot(epochs, [r["mean_iterations"] for r in rows], marker="o", ms=3, label="mean (train)")
+    axes[2].plot(epochs, [r["max_iterations"] for r in rows], marker="o", ms=3, label="max (train)")
+    axes[2].set(title="fixed-point iterations", xlabel="epoch")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{png.parent.name}: best test accuracy {100 * max(r['test_accuracy'] for r in rows):.2f} %")
+    fig.tight_layout()
+    tmp = png.with_name(png.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -328,12 +432,30 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(presets.PRESETS),
+        help="the paper's settings for a dataset (appendix C); flags given explicitly override it. "
+        + presets.describe(),
+    )
     p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="training data")
     p.add_argument("--arch", default="mnist_conv", help=f"architecture: {', '.join(architectures.available())}")
     p.add_argument("--backprop", default="jfb", choices=sorted(BACKPROP), help="gradient of the fixed point")
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate (cosine-annealed)")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
+    p.add_argument(
+        "--lr-schedule",
+        default="cosine",
+        choices=["cosine", "step", "constant"],
+        help="cosine annealing over the run, step decay (--lr-decay every --lr-step-epochs), or constant",
+    )
+    p.add_argument("--lr-step-epochs", type=int, default=10, help="step schedule: epochs between decays")
+    p.add_argument("--lr-decay", type=float, default=0.98, help="step schedule: factor applied at each decay")
+    p.add_argument(
+        "--loss", default="ce", choices=["ce", "mse"], help="cross entropy, or squared error of softmax vs one-hot"
+    )
     p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay")
     p.add_argument(
         "--tol", type=float, default=1e-4, help="forward solver tolerance on the per-sample relative residual"
@@ -341,7 +463,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iter", type=int, default=50, help="forward solver iteration cap")
     p.add_argument("--solver", default="fixed_point", choices=sorted(SOLVERS), help="forward solver")
     p.add_argument("--gamma", type=float, default=0.99, help="contraction factor of T in u, in (0, 1)")
-    p.add_argument("--latent-dim", type=int, default=46, help="size of the latent u")
+    p.add_argument("--latent-dim", type=int, default=None, help="size of the latent u (default: the architecture's)")
     p.add_argument("--dropout", type=float, default=0.0, help="dropout on Q's output (training only)")
     p.add_argument(
         "--augment-shift", type=int, default=0, help="random translation of training images by up to this many pixels"
@@ -354,6 +476,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--augment-scale", type=float, default=0.0, help="random zoom of training images by a factor in [1-s, 1+s]"
+    )
+    p.add_argument(
+        "--augment-flip", action=argparse.BooleanOptionalAction, default=False, help="random horizontal flips"
     )
     p.add_argument("--out", required=True, help="output folder for checkpoint.pt and metrics.jsonl")
     p.add_argument("--data-root", default="data", help="dataset folder (torchvision layout)")
@@ -373,7 +498,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.arch not in architectures.available():
         p.error(f"unknown architecture {args.arch!r}; available: {', '.join(architectures.available())}")
-    positive = {"--epochs": args.epochs, "--batch-size": args.batch_size, "--max-iter": args.max_iter}
+    positive = {
+        "--epochs": args.epochs,
+        "--batch-size": args.batch_size,
+        "--max-iter": args.max_iter,
+        "--lr-step-epochs": args.lr_step_epochs,
+    }
+    if args.latent_dim is not None and args.latent_dim < 1:
+        p.error(f"--latent-dim must be >= 1, got {args.latent_dim}")
+    if not 0 < args.lr_decay <= 1:
+        p.error(f"--lr-decay must lie in (0, 1], got {args.lr_decay}")
     for flag, value in positive.items():
         if value < 1:
             p.error(f"{flag} must be >= 1, got {value}")
@@ -391,10 +525,20 @@ def _validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             p.error(f"{flag} must be >= 1, got {value}")
 
 
-def cli(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line with its --preset applied: the preset replaces the defaults, and any flag
+    given explicitly still wins."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**presets.PRESETS[args.preset])
+        args = parser.parse_args(argv)
     _validate(parser, args)
+    return args
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         main(args)

@@ -15,7 +15,10 @@ import torch
 from fpn_serve import Engine, load_manifest
 from training import export as export_mod
 from training.checkpoint import load_checkpoint
+from training.config import TrainConfig
 from training.train import cli as train_cli
+from training.train import loss_sum, make_scheduler
+from training.train import parse_args as train_parse
 
 
 def run(module: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -155,7 +158,19 @@ def test_export_will_not_overwrite_a_folder_without_force(trained: Path, exporte
     ("module", "args", "expected"),
     [
         ("training.train", ["--dataset", "imagenet", "--out", "x"], "invalid choice: 'imagenet'"),
-        ("training.train", ["--arch", "vgg", "--out", "x"], "unknown architecture 'vgg'; available: mnist_conv"),
+        (
+            "training.train",
+            ["--arch", "vgg", "--out", "x"],
+            "unknown architecture 'vgg'; available: cifar10_conv, cifar10_resnet, mnist_conv, mnist_fc, svhn_conv",
+        ),
+        ("training.train", ["--dataset", "svhn", "--out", "x"], "mnist_conv is built for 1x28x28 inputs but svhn"),
+        (
+            "training.train",
+            ["--dataset", "cifar10", "--arch", "cifar10_conv", "--out", "x"],
+            "put the folder cifar-10-batches-py",
+        ),
+        ("training.train", ["--preset", "svhn", "--out", "x"], "put train_32x32.mat and test_32x32.mat"),
+        ("training.train", ["--lr-decay", "1.5", "--out", "x"], "--lr-decay must lie in (0, 1]"),
         ("training.train", ["--epochs", "0", "--out", "x"], "--epochs must be >= 1"),
         ("training.export", ["missing.pt", "--out", "x"], "checkpoint missing.pt does not exist"),
     ],
@@ -167,6 +182,32 @@ def test_cli_mistakes_get_one_clear_line(module: str, args: list[str], expected:
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_preset_sets_the_papers_values_and_explicit_flags_override_it() -> None:
+    args = train_parse(["--preset", "cifar10", "--out", "x"])
+    assert (args.dataset, args.arch, args.lr, args.tol, args.max_iter) == ("cifar10", "cifar10_conv", 5e-4, 1e-3, 2000)
+    assert (args.lr_schedule, args.loss) == ("cosine", "ce")
+    args = train_parse(["--preset", "mnist", "--out", "x", "--lr", "1e-3", "--loss", "ce"])
+    assert (args.lr, args.loss, args.lr_schedule, args.lr_decay, args.tol) == (1e-3, "ce", "step", 0.98, 1e-6)
+    args = train_parse(["--out", "x"])  # no preset: fpn-train's own defaults
+    assert (args.lr, args.loss, args.lr_schedule) == (1e-3, "ce", "cosine")
+
+
+def test_the_step_schedule_decays_every_n_epochs_and_mse_compares_probabilities() -> None:
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    sched = make_scheduler(opt, TrainConfig(lr_schedule="step", lr_step_epochs=3, lr_decay=0.5))
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25]
+    logits = torch.tensor([[10.0, -10.0], [0.0, 0.0]])
+    y = torch.tensor([0, 1])
+    assert float(loss_sum(logits, y, "mse")) == pytest.approx(0.0 + 0.25 + 0.25, abs=1e-6)
+    assert float(loss_sum(logits, y, "ce")) == pytest.approx(float(torch.log(torch.tensor(2.0))), abs=1e-4)
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:

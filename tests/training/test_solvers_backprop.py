@@ -70,7 +70,7 @@ def test_jfb_gradient_is_the_gradient_through_one_application_of_T() -> None:
 
 
 def test_registries_name_the_valid_choices() -> None:
-    with pytest.raises(ValueError, match="available: fixed_point"):
+    with pytest.raises(ValueError, match="available: anderson, fixed_point"):
         get_solver("newton")
     with pytest.raises(ValueError, match="available: explicit, ift, jfb, unrolled"):
         get_backprop("magic")
