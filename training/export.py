@@ -252,6 +252,11 @@ def check_parity(model: FPN, engine: Engine, x: np.ndarray, tol: float, max_iter
 
 def export(args: argparse.Namespace) -> Path:
     model, cfg, payload = load_checkpoint(args.checkpoint)
+    if cfg.backprop == "explicit":
+        raise ExportError(
+            f"{args.checkpoint} is an explicit twin (trained with --backprop explicit): a one-layer baseline, "
+            "not a fixed point network, so it has no fixed-point loop to serve"
+        )
     out = Path(args.out)
     name = args.name or out.name
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import architectures, presets
-from .backprop import BACKPROP, AdjointCounter, get_backprop
+from .backprop import BACKPROP, AdjointCounter, explicit, get_backprop
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import DATASETS, DataError, TensorSplit, load_split
@@ -180,12 +180,15 @@ def train_one_epoch(
 def evaluate(
     model: FPN, data: TensorSplit, cfg: TrainConfig, device: str | None = None, batch_size: int = 1000
 ) -> dict[str, float]:
-    """Test accuracy in eval mode (no dropout), solving to the training tolerance."""
+    """Test accuracy in eval mode (no dropout), solving to the training tolerance (explicit twins: one layer)."""
     model.eval()
     correct = iters_sum = 0.0
     iters_max = 0
     for x, y in data.batches(batch_size, device=device or cfg.device):
-        logits, info = model(x, cfg.tol, cfg.max_iter, cfg.solver)
+        if cfg.backprop == "explicit":  # the explicit twin is evaluated as what it is: one latent layer
+            logits, info = explicit(model, x, cfg.tol, cfg.max_iter)
+        else:
+            logits, info = model(x, cfg.tol, cfg.max_iter, cfg.solver)
         correct += float((logits.argmax(1) == y).sum())
         iters_sum += float(info.iterations.sum())
         iters_max = max(iters_max, int(info.iterations.max()))

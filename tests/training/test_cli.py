@@ -219,6 +219,17 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_an_explicit_twin_is_not_exported_as_a_fixed_point_network(tmp_path: Path) -> None:
+    from training.checkpoint import save_checkpoint
+    from training.config import ModelConfig
+    from training.fpn import FPN
+
+    save_checkpoint(tmp_path / "checkpoint.pt", FPN(ModelConfig()), TrainConfig(backprop="explicit"))
+    proc = run("training.export", str(tmp_path / "checkpoint.pt"), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 1 and "explicit twin" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
 def test_an_unwritable_output_is_a_clear_error(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("")

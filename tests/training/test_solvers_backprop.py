@@ -109,3 +109,26 @@ def test_explicit_twin_applies_one_latent_layer() -> None:
     z = model.Q(x)
     torch.testing.assert_close(logits, model.S(model.T(torch.zeros_like(z), z)))
     assert info.iterations.tolist() == [1, 1, 1, 1]
+
+
+def test_an_explicit_twin_is_evaluated_as_one_layer_not_as_a_fixed_point_network() -> None:
+    from training.backprop import explicit
+    from training.config import TrainConfig
+    from training.data import DATASETS, TensorSplit
+    from training.train import evaluate
+
+    model = _model(4)
+    gen = torch.Generator().manual_seed(0)
+    split = TensorSplit(
+        torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=gen),
+        torch.randint(0, 10, (300,), generator=gen),
+        DATASETS["mnist"],
+    )
+    x = split.normalise(split.images)
+    with torch.no_grad():
+        one_layer = explicit(model.eval(), x, 1e-4, 50)[0].argmax(1)
+        solved = model(x, 1e-4, 50)[0].argmax(1)
+    assert bool((one_layer != solved).any())  # the two forwards really differ on this model
+    result = evaluate(model, split, TrainConfig(backprop="explicit"), "cpu", batch_size=128)
+    assert result["test_max_iterations"] == 1
+    assert result["test_accuracy"] == pytest.approx(float((one_layer == split.labels).float().mean()))
