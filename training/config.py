@@ -24,6 +24,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     backprop: str = "jfb"
+    adjoint: str = "fixed_point"  # ift only: the adjoint solver, "fixed_point" (as DEQ) or "cg" (as the paper)
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3

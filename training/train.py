@@ -117,6 +117,7 @@ def train_one_epoch(
     world = world or World()
     model.train()
     step = get_backprop(cfg.backprop)
+    adjoint = {"adjoint": cfg.adjoint} if cfg.backprop == "ift" else {}
     total_loss = correct = seen = iters_sum = 0.0
     iters_max = 0
     order = torch.randperm(len(data), generator=generator)  # the same on every process
@@ -146,7 +147,7 @@ def train_one_epoch(
                 images = random_flip(images, augment)
             x = data.normalise(images)
             y = data.labels[idx].to(device)
-            logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver)
+            logits, info = step(model, x, cfg.tol, cfg.max_iter, cfg.solver, **adjoint)
             # each process's share of the mean over the global batch: summed over processes below,
             # the gradient is exactly that of one process on the whole global batch
             batch_loss = loss_sum(logits, y, cfg.loss)
@@ -242,6 +243,7 @@ def main(args: argparse.Namespace) -> None:
     cfg = TrainConfig(
         dataset=args.dataset,
         backprop=args.backprop,
+        adjoint=args.adjoint,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -445,6 +447,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="training data")
     p.add_argument("--arch", default="mnist_conv", help=f"architecture: {', '.join(architectures.available())}")
     p.add_argument("--backprop", default="jfb", choices=sorted(BACKPROP), help="gradient of the fixed point")
+    p.add_argument(
+        "--adjoint",
+        default="fixed_point",
+        choices=["fixed_point", "cg"],
+        help="--backprop ift: solve the adjoint equation by fixed-point iteration (as DEQ) or by conjugate "
+        "gradient on the normal equations (as the paper)",
+    )
     p.add_argument("--epochs", type=int, default=20, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=128, help="training batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="initial Adam learning rate")
