@@ -35,7 +35,7 @@ from .calibrate import calibrate, model_card, plot
 from .certify import measure_contraction
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
-from .data import DataError, dataset_spec, load_split
+from .data import DataError, DatasetSpec, TensorSplit, dataset_spec, load_split
 from .fpn import FPN
 from .loop_graph import build_loop_model, build_step_model
 from .precision import PRECISIONS
@@ -156,6 +156,23 @@ def write_graphs(
     return roles
 
 
+def stored_spec(cfg: TrainConfig, payload: dict[str, Any]) -> DatasetSpec:
+    """The data spec (normalisation, labels) the checkpoint was trained with; older checkpoints
+    name only their dataset."""
+    saved = payload.get("dataset_spec")
+    if not isinstance(saved, dict):
+        return dataset_spec(cfg.dataset)
+    c, h, w = (int(v) for v in saved["input_shape"])
+    return DatasetSpec(
+        name=str(saved["name"]),
+        input_shape=(c, h, w),
+        mean=tuple(float(v) for v in saved["mean"]),
+        std=tuple(float(v) for v in saved["std"]),
+        labels=tuple(str(v) for v in saved["labels"]),
+        scale=float(saved["scale"]),
+    )
+
+
 def build_manifest(
     name: str,
     model: FPN,
@@ -168,7 +185,7 @@ def build_manifest(
     roles: list[str],
     precision: str,
 ) -> dict[str, Any]:
-    spec = dataset_spec(cfg.dataset)
+    spec = stored_spec(cfg, payload)
     metrics = payload.get("metrics", {})
     return {
         "format": FORMAT,
@@ -268,12 +285,11 @@ def export(args: argparse.Namespace) -> Path:
     except OSError as exc:
         raise ExportError(f"cannot write into {out.parent}: {exc.strerror or exc}") from exc
     try:
-        spec = dataset_spec(cfg.dataset)
+        spec = stored_spec(cfg, payload)
         tol = args.tol if args.tol is not None else cfg.tol
         max_iter = args.max_iter if args.max_iter is not None else max(100, cfg.max_iter)
-        if cfg.backprop == "explicit":  # the explicit twin is one application of T from u = 0
-            max_iter = 1
         test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=args.calibration_limit)
+        test = TensorSplit(test.images, test.labels, spec)  # normalised as in training
         x, y = test.normalise(test.images).numpy(), test.labels.numpy()
         log.info("exporting %s (%d parameters) to ONNX opset %d", model.config.arch, model.num_parameters(), args.opset)
 

@@ -13,7 +13,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +374,7 @@ def _train(
                 "generator": generator.get_state(),
                 "rng_state": torch.get_rng_state(),
                 "contraction": {"bound": row["lipschitz_bound"], "measured": row["measured_contraction"]},
+                "dataset_spec": asdict(test.spec),  # normalisation and labels, for the export
             },
         )
         plot_curves(metrics_path, out / "curves.png")

@@ -79,8 +79,14 @@ def test_training_writes_metrics_and_a_weights_only_checkpoint(trained: Path) ->
     assert rows[1]["train_loss"] < rows[0]["train_loss"]
     assert rows[1]["test_accuracy"] > 0.85  # real digits: a broken pipeline stays near 0.1
     assert 1 <= rows[1]["mean_iterations"] <= rows[1]["max_iterations"] <= 50
+    for r in rows:  # the certified bound really bounds the measured factor, and memory is recorded
+        assert 0 < r["measured_contraction"] <= r["lipschitz_bound"] * (1 + 1e-4) <= 0.99 * (1 + 1e-4)
+        assert r["peak_memory_mb"] > 10 and r["peak_memory_kind"] == "process_peak_rss"
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = torch.load(trained / "checkpoint.pt", weights_only=True)
     assert payload["model_config"]["arch"] == "mnist_conv"
+    assert payload["contraction"]["measured"] == rows[-1]["measured_contraction"]
+    assert payload["dataset_spec"]["mean"] == (0.1307,) and payload["dataset_spec"]["labels"][7] == "7"
     model, cfg, _ = load_checkpoint(trained / "checkpoint.pt")
     assert model.num_parameters() == 84_182 and cfg.limit_train == 4000
 
