@@ -106,3 +106,20 @@ def test_a_pickle_of_the_wrong_layout_is_rejected() -> None:
     odd = gzip.compress(pickle.dumps((np.zeros((3, 5), np.float32), np.zeros(3)), protocol=2))
     with pytest.raises(DataError):
         load_mnist_pickle(odd)
+
+
+@pytest.mark.skipif(
+    not data.FASHION_DEBIAN_DIR.is_dir(), reason="needs the Debian package dataset-fashion-mnist (.ci/run installs it)"
+)
+def test_fashion_mnist_comes_from_the_debian_package(tmp_path: Path) -> None:
+    test = data.load_split("fashion-mnist", tmp_path, train=False)
+    assert test.images.shape == (10_000, 1, 28, 28) and test.images.dtype == torch.uint8
+    assert torch.bincount(test.labels).tolist() == [1000] * 10  # Fashion-MNIST's balanced test set
+    assert (tmp_path / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()  # plain torchvision next time
+    assert test.spec.labels[9] == "Ankle boot"
+
+
+def test_fashion_mnist_without_the_package_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", tmp_path / "absent")
+    with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
+        data.load_split("fashion-mnist", tmp_path, train=False)
