@@ -5,8 +5,9 @@
 
 For each mode (``jfb``, ``ift`` with the fixed-point adjoint, ``ift`` with conjugate gradient on
 the normal equations, ``unrolled``, ``explicit``) a fresh copy of the same initial weights trains
-``--epochs`` epochs on the same batches; reported are the median seconds per epoch (training
-only), Jacobian-vector products per epoch and the test accuracy afterwards. Then the memory that
+``--epochs`` epochs on the same batches, the modes taking turns epoch by epoch; reported are the
+median seconds per epoch (training only), Jacobian-vector products per epoch and the test
+accuracy afterwards. Then the memory that
 one training step keeps for its backward pass, for ``jfb`` against ``unrolled`` at depths 5, 50
 and 500 (tolerance 0, so every depth is really run): the bytes of the distinct tensors autograd
 saves, which is what grows with depth (on a GPU, also torch's peak allocation).
@@ -68,7 +69,7 @@ def train_modes(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
             torch.Generator().manual_seed(0),
             0,
         )
-    rows = []
+    runs = []
     for label, backprop, adjoint in MODES:
         if args.modes and backprop not in args.modes and label not in args.modes:
             continue
@@ -85,26 +86,43 @@ def train_modes(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
             seed=args.seed,
             device=device,
         )
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-        generator = torch.Generator().manual_seed(args.seed)  # the same batches for every mode
-        seconds, products, iterations = [], [], []
-        for epoch in range(1, args.epochs + 1):
+        runs.append(
+            {
+                "label": label,
+                "model": model,
+                "cfg": cfg,
+                "optimizer": torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                "generator": torch.Generator().manual_seed(args.seed),  # the same batches for every mode
+                "seconds": [],
+                "products": [],
+                "iterations": [],
+            }
+        )
+    # round robin: epoch 1 of every mode, then epoch 2, ..., so a noisy neighbour slows all modes alike
+    for epoch in range(1, args.epochs + 1):
+        for run in runs:
             started = time.perf_counter()
-            stats = train_one_epoch(model, train, optimizer, cfg, generator, epoch)
-            seconds.append(time.perf_counter() - started)
-            products.append(stats["jacobian_products"])
-            iterations.append(stats["mean_iterations"])
-            print(f"  {label}: epoch {epoch}: {seconds[-1]:.1f} s, {products[-1]:.3g} JVPs", flush=True)
-        result = evaluate(model, test, replace(cfg, backprop=backprop), device)
+            stats = train_one_epoch(run["model"], train, run["optimizer"], run["cfg"], run["generator"], epoch)
+            run["seconds"].append(time.perf_counter() - started)
+            run["products"].append(stats["jacobian_products"])
+            run["iterations"].append(stats["mean_iterations"])
+            print(
+                f"  {run['label']}: epoch {epoch}: {run['seconds'][-1]:.1f} s, {run['products'][-1]:.3g} JVPs",
+                flush=True,
+            )
+    rows = []
+    for run in runs:
+        cfg = run["cfg"]
+        result = evaluate(run["model"], test, cfg, device)
         rows.append(
             {
-                "mode": label,
-                "backprop": backprop,
-                "adjoint": adjoint if backprop == "ift" else None,
-                "seconds_per_epoch_median": statistics.median(seconds),
-                "seconds_per_epoch": seconds,
-                "jacobian_products_per_epoch": statistics.median(products),
-                "mean_forward_iterations": iterations[-1],
+                "mode": run["label"],
+                "backprop": cfg.backprop,
+                "adjoint": cfg.adjoint if cfg.backprop == "ift" else None,
+                "seconds_per_epoch_median": statistics.median(run["seconds"]),
+                "seconds_per_epoch": run["seconds"],
+                "jacobian_products_per_epoch": statistics.median(run["products"]),
+                "mean_forward_iterations": run["iterations"][-1],
                 "test_accuracy": result["test_accuracy"],
                 "epochs": args.epochs,
             }
