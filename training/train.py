@@ -395,7 +395,7 @@ def _train(
     log.info("wrote %s, %s and %s", out / "checkpoint.pt", metrics_path, out / "curves.png")
 
 
-def plot_curves(metrics_path: Path, png: Path) -> None:
+def plot_curves(metrics_path: Path, png: Path, title: str | None = None) -> None:
     """Loss, accuracy and iterations per epoch from metrics.jsonl, drawn into one PNG."""
     import matplotlib
 
@@ -419,7 +419,9 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
     axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{png.parent.name}: best test accuracy {100 * max(r['test_accuracy'] for r in rows):.2f} %")
+    last = rows[-1]
+    accuracy = 100 * last["test_accuracy"]
+    fig.suptitle(f"{title or png.parent.name}: test accuracy {accuracy:.2f} % after epoch {last['epoch']}")
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
     fig.savefig(tmp, dpi=90)
