@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -134,3 +136,26 @@ def test_anderson_reports_non_convergence_at_max_iter() -> None:
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
     _, info = anderson(lambda u: u @ rot.T + 1.0, torch.zeros(4, 2), 1e-6, 7)
     assert info.iterations.tolist() == [7] * 4 and not bool(info.converged.any())
+
+
+@pytest.mark.parametrize("arch", ["mnist_fc", "svhn_conv", "cifar10_conv", "cifar10_resnet"])
+def test_every_architecture_exports_graphs_that_match_torch(arch: str, tmp_path: Path) -> None:
+    """Q, T and S of each architecture run in ONNX Runtime as in torch (BatchNorm in eval mode too)."""
+    import onnxruntime as ort
+
+    from training.export import write_graphs
+
+    torch.manual_seed(0)
+    model = FPN(config(arch)).eval()
+    shape = architectures.get(arch).input_shape
+    write_graphs(model, shape, tmp_path, arch, 18, "fp32", loop=False)
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        z = model.Q(x)
+        u = torch.randn_like(z)
+        expected = {"Q": model.Q(x), "T": model.T(u, z), "S": model.S(u)}
+    feeds = {"Q": {"x": x.numpy()}, "T": {"u": u.numpy(), "z": z.numpy()}, "S": {"u": u.numpy()}}
+    for role, want in expected.items():
+        sess = ort.InferenceSession(str(tmp_path / f"{role}.onnx"), providers=["CPUExecutionProvider"])
+        (got,) = sess.run(None, feeds[role])
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4, err_msg=f"{arch} {role}")
