@@ -40,7 +40,7 @@ from training.backprop import get_backprop  # noqa: E402
 from training.config import ModelConfig, TrainConfig  # noqa: E402
 from training.data import load_split  # noqa: E402
 from training.fpn import FPN  # noqa: E402
-from training.train import evaluate, loss_sum, train_one_epoch  # noqa: E402
+from training.train import evaluate, loss_sum, to_device, train_one_epoch  # noqa: E402
 
 # (label, --backprop, --adjoint)
 MODES = (
@@ -57,7 +57,7 @@ def train_modes(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     test = load_split("mnist", Path(args.data_root), train=False)
     torch.manual_seed(args.seed)
     initial = FPN(ModelConfig(arch=args.arch))
-    warm = copy.deepcopy(initial).to(device)  # first-use costs (thread pools, allocator) are not any mode's
+    warm = to_device(copy.deepcopy(initial), device)  # first-use costs (thread pools, allocator) are not any mode's
     warm_cfg = TrainConfig(batch_size=args.batch_size, tol=args.tol, max_iter=args.max_iter, device=device)
     warm_data = load_split("mnist", Path(args.data_root), train=True, limit=20 * args.batch_size)
     for backprop in ("jfb", "ift"):
@@ -73,7 +73,7 @@ def train_modes(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     for label, backprop, adjoint in MODES:
         if args.modes and backprop not in args.modes and label not in args.modes:
             continue
-        model = copy.deepcopy(initial).to(device)
+        model = to_device(copy.deepcopy(initial), device)
         cfg = TrainConfig(
             backprop=backprop,
             adjoint=adjoint,
@@ -162,7 +162,7 @@ def memory_table(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
     x = data.normalise(data.images).to(device)
     y = data.labels.to(device)
     torch.manual_seed(args.seed)
-    model = FPN(ModelConfig(arch=args.arch)).to(device).train()
+    model = to_device(FPN(ModelConfig(arch=args.arch)), device).train()
     rows = []
     for depth in args.depths:
         for backprop in ("jfb", "unrolled"):

@@ -197,11 +197,11 @@ def mnist_conv(cfg: ModelConfig) -> Parts:
     """The paper's MNIST convolutional FPN: 84,182 parameters with the default latent of 46."""
     q = nn.Sequential(
         nn.Conv2d(cfg.in_channels, 96, kernel_size=3),
+        nn.MaxPool2d(2),  # pooling first: max and ReLU commute, and ReLU then sees 4x fewer values
         nn.ReLU(),
-        nn.MaxPool2d(2),
         nn.Conv2d(96, 40, kernel_size=3),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Flatten(),
         nn.Linear(40 * 5 * 5, cfg.latent_dim),
         nn.ReLU(),
@@ -234,11 +234,11 @@ def svhn_conv(cfg: ModelConfig) -> Parts:
     act = nn.LeakyReLU(0.1)
     q = nn.Sequential(
         nn.Conv2d(cfg.in_channels, 30, kernel_size=5),
-        act,
         nn.MaxPool2d(2),
+        act,
         nn.Conv2d(30, 40, kernel_size=5),
-        act,
         nn.MaxPool2d(2),
+        act,
         nn.Flatten(),
         nn.Linear(40 * 5 * 5, cfg.latent_dim),
         act,
@@ -256,14 +256,14 @@ def cifar10_conv(cfg: ModelConfig) -> Parts:
     """The paper's unaugmented CIFAR-10 FPN: three convolutions into a 52-dim latent."""
     q = nn.Sequential(
         nn.Conv2d(cfg.in_channels, 80, kernel_size=3),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Conv2d(80, 90, kernel_size=3),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Conv2d(90, 100, kernel_size=3),
-        nn.ReLU(),
         nn.MaxPool2d(2),
+        nn.ReLU(),
         nn.Flatten(),
         nn.Linear(100 * 2 * 2, cfg.latent_dim),
         nn.Dropout(cfg.dropout),

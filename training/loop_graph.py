@@ -2,6 +2,7 @@
 
 ``build_step_model``: step.onnx, T with the per-sample residual fused in.
 ``build_loop_model``: FPN.onnx, Q, the whole fixed-point iteration (an ONNX Loop) and S in one graph.
+``build_single_loop_model``: FPN1.onnx, the same for exactly one input, with a lean loop body.
 
 Inputs ``x`` [batch, *input_shape], ``tol`` (float scalar) and ``max_iter`` (int64 scalar);
 outputs ``logits``, ``iterations`` (int64 [batch]), ``residual`` and ``step_norm`` (float [batch]).
@@ -10,6 +11,12 @@ residual is <= tol is frozen (its iterate, residual and iteration count stop cha
 loop ends when every sample is frozen or after max_iter iterations. That is exactly the
 per-sample contract of the three-graph loop, in one ONNX Runtime call for runtimes (and batch
 sizes) that prefer it.
+
+With one input there is nothing to freeze: the loop simply stops when the residual is <= tol, so
+FPN1.onnx's body is T, the residual and one comparison (no Where, ReduceMax or counter, and nothing
+carried but the iterate); the iteration count and the last residual come from the loop's scan
+outputs. Its batch axis is fixed at 1. Every node of Q, T, S and the residual is the same as in
+the three-graph loop, so its answers are the same to the bit.
 """
 
 from __future__ import annotations
@@ -204,6 +211,85 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto)
         [*q_inits, *t_inits, *s_inits, *constants],
     )
     opsets = {o.domain: o for g in (q, t, s) for o in g.opset_import}  # e.g. com.microsoft after quantization
+    model = helper.make_model(graph, opset_imports=list(opsets.values()), producer_name="fpn-export")
+    model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _batch_one(value_type: onnx.TypeProto) -> onnx.TypeProto:
+    """``value_type`` with its leading (batch) dimension fixed at 1."""
+    fixed = onnx.TypeProto()
+    fixed.CopyFrom(value_type)
+    dim = fixed.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 1
+    return fixed
+
+
+def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> onnx.ModelProto:
+    """FPN1.onnx: Q, the fixed-point Loop for one input, and S (see the module doc).
+
+    Same inputs and outputs as FPN.onnx with the batch axis fixed at 1; ``max_iter`` must be >= 1.
+    """
+    if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
+        raise ValueError("the graphs must not contain control flow of their own")
+    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
+    f32, i64, b = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+
+    q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
+    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
+    s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
+
+    def vi(name: str, dtype: int, shape: list[int]) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, dtype, shape)
+
+    body = helper.make_graph(
+        [
+            *t_nodes,
+            *_residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
+            helper.make_node("Greater", ["b_res", "tol"], ["b_cond_out"], name="body/cond"),  # go on while > tol
+        ],
+        "fixed_point_body_1",
+        [vi("b_k", i64, []), vi("b_cond", b, []), vi("b_u", f32, [1, *latent])],
+        # carried: the iterate; scanned: the residual and step of every iteration
+        [vi("b_cond_out", b, [1]), vi("b_un", f32, [1, *latent]), vi("b_res", f32, [1]), vi("b_step", f32, [1])],
+    )
+    outer_nodes = [
+        *q_nodes,
+        helper.make_node(
+            "Loop",
+            ["max_iter", "loop/true", "loop/u0"],
+            ["u_final", "loop/residuals", "loop/steps"],
+            body=body,
+            name="loop/fixed_point",
+        ),
+        helper.make_node("Shape", ["loop/residuals"], ["iterations"], start=0, end=1, name="loop/iterations"),
+        helper.make_node("Gather", ["loop/residuals", "loop/last"], ["residual"], axis=0, name="loop/residual"),
+        helper.make_node("Gather", ["loop/steps", "loop/last"], ["step_norm"], axis=0, name="loop/step"),
+        *s_nodes,
+    ]
+    axes, _, eps, true = _constants(len(latent))
+    constants = [
+        axes,
+        eps,
+        true,
+        numpy_helper.from_array(np.zeros([1, *latent], np.float32), "loop/u0"),
+        numpy_helper.from_array(np.array(-1, np.int64), "loop/last"),
+    ]
+    graph = helper.make_graph(
+        outer_nodes,
+        "fpn1",
+        [helper.make_value_info("x", _batch_one(q.graph.input[0].type)), vi("tol", f32, []), vi("max_iter", i64, [])],
+        [
+            helper.make_value_info("logits", _batch_one(s.graph.output[0].type)),
+            vi("iterations", i64, [1]),
+            vi("residual", f32, [1]),
+            vi("step_norm", f32, [1]),
+        ],
+        [*q_inits, *t_inits, *s_inits, *constants],
+    )
+    opsets = {o.domain: o for g in (q, t, s) for o in g.opset_import}
     model = helper.make_model(graph, opset_imports=list(opsets.values()), producer_name="fpn-export")
     model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
     onnx.checker.check_model(model, full_check=True)

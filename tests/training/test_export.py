@@ -18,6 +18,7 @@ import torch
 from fpn_serve import Engine, load_manifest
 from training import export as export_mod
 from training.certify import measure_contraction
+from training.loop_graph import build_single_loop_model
 from training.train import cli as train_cli
 
 pytestmark = pytest.mark.slow
@@ -93,6 +94,25 @@ def test_every_precision_runs_in_onnx_runtime_with_float32_io(
         record = manifest.precision
         assert abs(record["accuracy_difference"]) < 0.02
         assert record["accuracy_difference"] == pytest.approx(record["accuracy"] - record["accuracy_fp32"])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_the_single_graph_loops_answer_as_the_three_graph_loop(
+    folders: dict[str, Path], precision: str, mnist_root: Path
+) -> None:
+    from training.data import load_split
+
+    engine = Engine.load(folders[precision], device="cpu")
+    assert {"fpn", "fpn1"} <= set(engine.manifest.graphs)
+    test = load_split("mnist", mnist_root, train=False, limit=96)
+    x = test.normalise(test.images).numpy()
+    for tol in (1e-2, 1e-4, 1e-6):
+        assert export_mod.compare_single_graphs(engine, x, tol, 100) is None
+    one = onnx.load(str(folders[precision] / "FPN1.onnx"))
+    assert one.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1  # a graph for one input
+    (loop,) = [n for n in one.graph.node if n.op_type == "Loop"]
+    body_ops = {n.op_type for n in loop.attribute[0].g.node}
+    assert not body_ops & {"Where", "ReduceMax"}  # no per-sample freezing in its body
 
 
 def test_the_same_checkpoint_gives_byte_identical_graphs(
@@ -183,6 +203,21 @@ def test_verify_passes_a_sound_folder_and_names_what_is_wrong(
     (relabelled / "manifest.json").write_text(json.dumps(manifest))
     wrong = verify(relabelled)
     assert wrong.returncode == 1 and "its metadata says role 'S'" in wrong.stderr
+
+    # an FPN1.onnx whose loop runs a slightly different T than T.onnx: well formed, wrong answers
+    drifted = tmp_path / "drifted"
+    shutil.copytree(folders["fp32"], drifted)
+    t = onnx.load(str(drifted / "T.onnx"))
+    (w,) = [i for i in t.graph.initializer if len(i.dims) == 2]
+    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * np.float32(1.01), w.name))
+    q, s = onnx.load(str(drifted / "Q.onnx")), onnx.load(str(drifted / "S.onnx"))
+    onnx.save(build_single_loop_model(q, t, s), str(drifted / "FPN1.onnx"))
+    export_mod._finish_graph(drifted / "FPN1.onnx", "fp32", "fpn1", 18)
+    manifest = json.loads((drifted / "manifest.json").read_text())
+    manifest["graphs"]["fpn1"]["sha256"] = hashlib.sha256((drifted / "FPN1.onnx").read_bytes()).hexdigest()
+    (drifted / "manifest.json").write_text(json.dumps(manifest))
+    off = verify(drifted)
+    assert off.returncode == 1 and "FPN1.onnx loop and the three-graph loop disagree" in off.stderr, off.stderr
 
 
 def test_bad_checkpoints_and_opsets_get_one_clear_line(checkpoint: Path, tmp_path: Path) -> None:
