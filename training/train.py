@@ -440,9 +440,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="fpn-train",
-        description="Train a Fixed Point Network with Jacobian-free backprop (JFB). Writes "
-        "OUT/checkpoint.pt (weights and the config that rebuilds the model) and OUT/metrics.jsonl "
-        "(one JSON object per epoch).",
+        description="Train a Fixed Point Network with Jacobian-free backprop (JFB), or with the Jacobian-based, "
+        "unrolled or explicit baselines (--backprop). Writes "
+        "OUT/checkpoint.pt (weights and the config that rebuilds the model), OUT/metrics.jsonl "
+        "(one JSON object per epoch) and OUT/curves.png after every epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
