@@ -1,4 +1,5 @@
-"""Engine benchmarks: per-iteration cost, engine against a torch eager loop, the scheduler under load.
+"""Engine benchmarks: the batch-1 answer by path, per-iteration cost, engine against a torch eager loop,
+the scheduler under load.
 
     python benchmarks/engine.py                     # all parts, shipped model, CPU
     python benchmarks/engine.py --parts iteration   # one part
@@ -15,8 +16,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +100,53 @@ def torch_eager_classify(model: Any, x: Any, tol: float, max_iter: int) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
+
+
+def bench_batch1(engine: Engine, x_all: np.ndarray, repeats: int, tol: float = 1e-4) -> dict[str, Any]:
+    """One input at ``tol`` by path, interleaved call by call over 64 test digits: ``classify`` (FPN1.onnx
+    where the folder has it), the FPN1.onnx call alone (``classify`` less validation and the report),
+    ``classify`` on the same folder without FPN1.onnx (FPN.onnx, the path before), the three-graph loop
+    (Q, the fused step in a Python loop, S), the engine's Q session alone, and Q.onnx alone on one
+    thread (as FPN1.onnx runs it)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        older = Path(tmp) / engine.name
+        shutil.copytree(engine.model_dir, older)
+        manifest = json.loads((older / "manifest.json").read_text())
+        if "fpn1" in manifest["graphs"]:
+            (older / manifest["graphs"].pop("fpn1")["file"]).unlink()
+        (older / "manifest.json").write_text(json.dumps(manifest))
+        without = Engine.load(older, device=engine.device)
+    xs = [x_all[i : i + 1] for i in range(min(64, len(x_all)))]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    q_one_thread = ort.InferenceSession(str(engine.model_dir / "Q.onnx"), options, providers=["CPUExecutionProvider"])
+    single = engine._single  # FPN1.onnx through the engine's IOBinding, None for a folder without it
+    paths: dict[str, Callable[[np.ndarray], object]] = {
+        "classify_ms": lambda x: engine.classify(x, tol=tol),
+        "classify_without_fpn1_ms": lambda x: without.classify(x, tol=tol),
+        "three_graph_loop_ms": lambda x: engine.decode(engine.solve(engine.encode(x), tol, 100), tol),
+        "Q_alone_ms": engine.encode,
+        "Q_one_thread_ms": lambda x: q_one_thread.run(["z"], {"x": x}),
+    }
+    if single is not None:
+        paths["fpn1_call_ms"] = lambda x: single.run(x, tol, 100)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(repeats + 200):
+        x = xs[r % len(xs)]
+        for name, fn in paths.items():
+            t = time.perf_counter()
+            fn(x)
+            if r >= 200:  # the first rounds warm up
+                times[name].append(time.perf_counter() - t)
+    iterations = [int(engine.classify(x, tol=tol).iterations[0]) for x in xs]
+    return {
+        "tol": tol,
+        "inputs": len(xs),
+        "mean_iterations": float(np.mean(iterations)),
+        **{name: 1e3 * statistics.median(v) for name, v in times.items()},
+    }
 
 
 def bench_iteration(engine: Engine, x_all: np.ndarray, repeats: int) -> list[dict[str, Any]]:
@@ -262,7 +312,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=REPO / "models" / "mnist")
     p.add_argument("--data-root", type=Path, default=REPO / "data")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--parts", nargs="*", default=["iteration", "torch", "scheduler", "curve"])
+    p.add_argument("--parts", nargs="*", default=["batch1", "iteration", "torch", "scheduler", "curve"])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
@@ -276,6 +326,18 @@ def main() -> None:
         "device": engine.device,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
     }
+    if "batch1" in args.parts:
+        b1 = bench_batch1(engine, x, repeats)
+        report["batch1"] = b1
+        print(
+            f"\nOne input at tol={b1['tol']:g} ({b1['inputs']} digits, {b1['mean_iterations']:.2f} iterations), "
+            "median ms by path, interleaved"
+        )
+        for key in ("classify_ms", "fpn1_call_ms", "classify_without_fpn1_ms", "three_graph_loop_ms"):
+            if key in b1:
+                print(f"{key.removesuffix('_ms'):>24} {b1[key]:.4f}")
+        for key in ("Q_alone_ms", "Q_one_thread_ms"):
+            print(f"{key.removesuffix('_ms'):>24} {b1[key]:.4f}")
     if "iteration" in args.parts:
         rows = bench_iteration(engine, x, repeats)
         report["iteration"] = rows

@@ -24,7 +24,9 @@ ROLES = ("Q", "T", "S")
 #         fused in, so that one run per iteration is all the loop needs.
 #   fpn:  inputs x, tol, max_iter -> outputs logits, iterations, residual, step_norm: Q, the whole
 #         fixed-point iteration (an ONNX Loop with per-sample freezing) and S in one graph.
-OPTIONAL_ROLES = ("step", "fpn")
+#   fpn1: the same for exactly one input (batch axis fixed at 1): a Loop whose body is only T, the
+#         residual and the stopping test, for the lowest latency on single requests.
+OPTIONAL_ROLES = ("step", "fpn", "fpn1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fpn_serve import Engine, InputError
+from fpn_serve import ClassifyResult, Engine, InputError, ModelError
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +93,78 @@ def test_single_graph_loop_matches_the_three_graph_loop(engine: Engine, digits: 
         np.testing.assert_array_equal(single.iterations, three.iterations)
         np.testing.assert_allclose(single.logits, three.logits, rtol=0, atol=1e-5)
         np.testing.assert_allclose(single.error_bounds, three.error_bounds, rtol=1e-4, atol=1e-7)
+
+
+def test_one_input_runs_fpn1_and_answers_as_the_three_graph_loop_to_the_bit(
+    engine: Engine, digits: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert "fpn1" in engine.manifest.graphs  # the shipped model carries FPN1.onnx
+    session = engine._single.session  # type: ignore[union-attr]
+    calls = []
+    run = session.run_with_iobinding
+    monkeypatch.setattr(session, "run_with_iobinding", lambda *a: calls.append(1) or run(*a))
+    x = digits[0][:48]
+    for tol, max_iter in [(1e-1, 100), (1e-4, 100), (1e-6, 100), (1e-9, 3), (0.0, 5)]:
+        for i in range(0, len(x), 3):
+            one = x[i : i + 1]
+            single = engine.classify(one, tol=tol, max_iter=max_iter)
+            three = engine.decode(engine.solve(engine.encode(one), tol, max_iter), tol)
+            for field in ("labels", "iterations", "residuals", "converged", "error_bounds", "logits", "probabilities"):
+                np.testing.assert_array_equal(getattr(single, field), getattr(three, field), err_msg=field)
+    assert len(calls) == 5 * 16  # every call above went through FPN1.onnx
+    assert single.iterations.tolist() == [5] and not single.converged[0]  # tol=0: max_iter decides
+
+
+def test_concurrent_callers_of_fpn1_each_get_their_own_answer(
+    engine: Engine, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    x = digits[0][:64]
+    tols = [10.0 ** -(1 + i % 6) for i in range(len(x))]
+    alone = [engine.classify(x[i : i + 1], tol=tols[i]) for i in range(len(x))]
+    got: list[list[tuple[int, ClassifyResult]]] = [[] for _ in range(8)]
+
+    def caller(c: int) -> None:  # each thread binds its own buffers; they must never mix
+        for _ in range(5):
+            for i in range(c, len(x), 8):
+                got[c].append((i, engine.classify(x[i : i + 1], tol=tols[i])))
+
+    threads = [threading.Thread(target=caller, args=(c,)) for c in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(g) for g in got) == 5 * len(x)
+    for answers in got:
+        for i, result in answers:
+            np.testing.assert_array_equal(result.logits, alone[i].logits)
+            np.testing.assert_array_equal(result.iterations, alone[i].iterations)
+            np.testing.assert_array_equal(result.residuals, alone[i].residuals)
+
+
+def test_a_folder_without_fpn1_loads_and_answers_the_same(
+    engine: Engine, digits: tuple[np.ndarray, np.ndarray], shipped_model: Path, tmp_path: Path
+) -> None:
+    older = tmp_path / "mnist"
+    shutil.copytree(shipped_model, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["graphs"]["fpn1"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "FPN1.onnx").unlink()
+    without = Engine.load(older, device="cpu")
+    for i in range(8):
+        one = digits[0][i : i + 1]
+        a, b = without.classify(one, tol=1e-4), engine.classify(one, tol=1e-4)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_array_equal(a.iterations, b.iterations)
+        np.testing.assert_array_equal(a.error_bounds, b.error_bounds)
+
+
+def test_an_fpn1_graph_with_the_wrong_signature_is_refused(shipped_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "mnist"
+    shutil.copytree(shipped_model, folder)
+    shutil.copyfile(folder / "step.onnx", folder / "FPN1.onnx")  # a valid graph, but not a loop over one input
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["graphs"]["fpn1"]["sha256"] = hashlib.sha256((folder / "FPN1.onnx").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match=r"graph fpn1 has inputs \['u', 'z'\]"):
+        Engine.load(folder, device="cpu")
