@@ -67,6 +67,8 @@ def _session_options(threads: int) -> ort.SessionOptions:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # Idle pool threads sleep instead of spinning: a server shares its cores with the HTTP loop.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return so
 

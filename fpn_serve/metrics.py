@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
@@ -46,17 +47,21 @@ class Metrics:
         )
         self.active = Gauge("fpn_active_batch", "inputs in the model's active batch", ["model"], registry=r)
         self.queue = Gauge("fpn_queue_depth", "requests waiting to join the active batch", ["model"], registry=r)
+        self._per_model: dict[str, tuple[Histogram, Histogram]] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route, str(status)).observe(seconds)
 
     def observe_result(self, model: str, result: ClassifyResult) -> None:
-        it, res = self.iterations.labels(model), self.residual.labels(model)
+        children = self._per_model.get(model)
+        if children is None:  # the labelled series of a model, looked up once
+            children = self._per_model[model] = (self.iterations.labels(model), self.residual.labels(model))
+        it, res = children
         for iterations, residual in zip(result.iterations.tolist(), result.residuals.tolist(), strict=True):
             it.observe(iterations)
             res.observe(residual)
-        missed = int((~result.converged).sum())
+        missed = len(result.converged) - int(np.count_nonzero(result.converged))
         if missed:
             self.not_converged.labels(model).inc(missed)
 

@@ -10,16 +10,22 @@ at most max_iter iterations, so no request waits forever behind others.
     scheduler = Scheduler(engine, max_active=256, max_queue=1024)
     scheduler.start()
     result = scheduler.classify(x, tol=1e-3)      # or scheduler.submit(...) -> Future
+    result = await scheduler.submit_async(x)       # from an event loop: an asyncio future
     scheduler.stop()
+
+A caller may cancel its future (a timeout does): a request cancelled while it waits is never
+admitted, and one cancelled while it runs finishes without disturbing the others.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +46,17 @@ class QueueFull(FPNServeError):
         self.retry_after = retry_after
 
 
+Outcome = ClassifyResult | BaseException
+
+
 @dataclass
 class _Request:
     x: np.ndarray
     tol: float
     max_iter: int
     deadline: float  # absolute perf_counter time, inf for none
-    future: Future[ClassifyResult]
+    future: Future[ClassifyResult] | asyncio.Future[ClassifyResult]
+    loop: asyncio.AbstractEventLoop | None  # the loop of an asyncio future, None for a concurrent one
     u: np.ndarray = field(init=False)
     iterations: np.ndarray = field(init=False)
     residuals: np.ndarray = field(init=False)
@@ -117,6 +127,29 @@ class Scheduler:
 
         Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
         """
+        future: Future[ClassifyResult] = Future()
+        self._enqueue(x, tol, max_iter, deadline_ms, future, None)
+        return future
+
+    def submit_async(
+        self, x: Any, tol: float | None = None, max_iter: int | None = None, *, deadline_ms: float | None = None
+    ) -> asyncio.Future[ClassifyResult]:
+        """``submit`` for a caller on a running event loop: the answer comes as an asyncio future of
+        that loop, and the answers that finish in one iteration reach the loop in one wake-up."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ClassifyResult] = loop.create_future()
+        self._enqueue(x, tol, max_iter, deadline_ms, future, loop)
+        return future
+
+    def _enqueue(
+        self,
+        x: Any,
+        tol: float | None,
+        max_iter: int | None,
+        deadline_ms: float | None,
+        future: Future[ClassifyResult] | asyncio.Future[ClassifyResult],
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
         submitted = time.perf_counter()
         x = self.engine.validate_inputs(x)
         tol, max_iter = self.engine.resolve(tol, max_iter)
@@ -127,7 +160,7 @@ class Scheduler:
             if isinstance(deadline_ms, bool) or not (isinstance(deadline_ms, (int, float)) and deadline_ms > 0):
                 raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
             deadline = submitted + deadline_ms / 1000.0
-        request = _Request(x, tol, max_iter, deadline, Future())
+        request = _Request(x, tol, max_iter, deadline, future, loop)
         with self._cond:
             if not self._running:
                 raise QueueFull("the scheduler is not running", retry_after=1.0)
@@ -135,7 +168,6 @@ class Scheduler:
                 raise QueueFull(f"{len(self._waiting)} requests are queued, the most allowed; retry shortly")
             self._waiting.append(request)
             self._cond.notify()
-        return request.future
 
     def classify(
         self, x: Any, tol: float | None = None, max_iter: int | None = None, *, deadline_ms: float | None = None
@@ -166,6 +198,8 @@ class Scheduler:
         taken = []
         while self._waiting and self._waiting[0].x.shape[0] <= free:  # FIFO: never skip the head
             req = self._waiting.popleft()
+            if not _still_wanted(req):  # cancelled while it waited: nobody needs the answer
+                continue
             free -= req.x.shape[0]
             taken.append(req)
         return taken
@@ -234,34 +268,75 @@ class Scheduler:
         try:
             result = self.engine.decode(out, tols)
         except Exception as exc:
-            for req in reqs:
-                req.future.set_exception(exc)
+            _settle([(req, exc) for req in reqs])
             return
+        outcomes: list[tuple[_Request, Outcome]] = []
         start = 0
         for req, n in finished:
             sl = slice(start, start + n)
             start += n
-            req.future.set_result(
-                ClassifyResult(
-                    labels=result.labels[sl],
-                    probabilities=result.probabilities[sl],
-                    logits=result.logits[sl],
-                    iterations=result.iterations[sl],
-                    residuals=result.residuals[sl],
-                    converged=result.converged[sl],
-                    error_bounds=result.error_bounds[sl],
-                    names=result.names,
+            outcomes.append(
+                (
+                    req,
+                    ClassifyResult(
+                        labels=result.labels[sl],
+                        probabilities=result.probabilities[sl],
+                        logits=result.logits[sl],
+                        iterations=result.iterations[sl],
+                        residuals=result.residuals[sl],
+                        converged=result.converged[sl],
+                        error_bounds=result.error_bounds[sl],
+                        names=result.names,
+                    ),
                 )
             )
+        _settle(outcomes)
         self.stats["answered"] += len(finished)
 
     def _fail_all(self, exc: Exception, admitted: list[_Request]) -> None:
         with self._cond:
             pending = list(self._waiting)
             self._waiting.clear()
-        for req in {id(r): r for r in [*self._owner, *admitted, *pending]}.values():
-            if not req.future.done():
-                req.future.set_exception(exc)
+        _settle([(req, exc) for req in {id(r): r for r in [*self._owner, *admitted, *pending]}.values()])
         self._owner = []
         if self._runner.n:
             self._runner.keep(np.zeros(self._runner.n, bool))
+
+
+def _still_wanted(req: _Request) -> bool:
+    """Mark a concurrent future running (from then on it cannot be cancelled); False if it was cancelled."""
+    if isinstance(req.future, Future):
+        return req.future.set_running_or_notify_cancel()
+    return not req.future.cancelled()
+
+
+def _settle(outcomes: list[tuple[_Request, Outcome]]) -> None:
+    """Give each request its result or exception: concurrent futures directly, asyncio futures in one
+    ``call_soon_threadsafe`` per loop. A future its caller has given up on (cancelled, timed out) is skipped."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Outcome]]] = {}
+    for req, outcome in outcomes:
+        if req.loop is not None:
+            by_loop.setdefault(req.loop, []).append((req.future, outcome))
+            continue
+        future = req.future
+        try:
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        except InvalidStateError:  # cancelled or already failed
+            pass
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+            loop.call_soon_threadsafe(_deliver, items)
+
+
+def _deliver(items: list[tuple[asyncio.Future[ClassifyResult], Outcome]]) -> None:
+    """On the caller's loop: resolve the futures nobody has given up on."""
+    for future, outcome in items:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

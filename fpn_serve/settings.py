@@ -25,6 +25,12 @@ class Settings(BaseSettings):
     max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest image (width x height) decoded")
     max_inputs: int = Field(default=256, ge=1, description="most inputs (images or JSON inputs) per request")
     max_queue: int = Field(default=1024, ge=1, description="requests waiting for the active batch before 503")
+    threads: int = Field(
+        default=0,
+        ge=0,
+        description="ONNX Runtime threads for each model's encoder Q; 0: one fewer than the CPUs this process "
+        "may use (the HTTP loop keeps one)",
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="longest a request may take before 504")
     drain_s: float = Field(
         default=1.0, ge=0, description="on SIGTERM/SIGINT, report not-ready this long before closing"

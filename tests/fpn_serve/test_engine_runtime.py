@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -190,5 +191,46 @@ def test_scheduler_answers_every_caller_when_an_iteration_fails(
         for f in futures:
             with pytest.raises(RuntimeError, match="Q failed"):
                 f.result(10)
+    finally:
+        scheduler.stop()
+
+
+def test_a_caller_giving_up_never_disturbs_the_others(engine: Engine, digits: np.ndarray) -> None:
+    scheduler = Scheduler(engine, max_active=2)
+    scheduler.start()
+    try:
+        running = scheduler.submit(digits[:1], 1e-9, 300)
+        other = scheduler.submit(digits[1:2], 1e-9, 300)
+        waiting = scheduler.submit(digits[2:3], 1e-9, 300)  # no room: it waits for the first two
+        assert waiting.cancel()  # a timeout cancels like this
+        deadline = time.monotonic() + 10
+        while not running.running() and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        assert not running.cancel()  # too late to cancel a running request: it finishes for nobody's harm
+        assert other.result(30).iterations[0] == 300
+        assert running.result(30).iterations[0] == 300
+        assert scheduler.stats["admitted"] == 2  # the cancelled request never ran
+        assert scheduler.classify(digits[3:4], 1e-2).iterations[0] >= 1
+    finally:
+        scheduler.stop()
+
+
+def test_async_callers_get_the_same_answers_and_may_give_up(engine: Engine, digits: np.ndarray) -> None:
+    scheduler = Scheduler(engine, max_active=8)
+    scheduler.start()
+
+    async def main() -> list[object]:
+        abandoned = scheduler.submit_async(digits[:1], 1e-9, 500)
+        calls = [scheduler.submit_async(digits[i : i + 2], 1e-3, 50) for i in range(1, 9, 2)]
+        abandoned.cancel()  # what a timeout does
+        return list(await asyncio.gather(*calls))
+
+    try:
+        results = asyncio.run(main())
+        for i, got in zip(range(1, 9, 2), results, strict=True):
+            solo = engine.classify(digits[i : i + 2], 1e-3, 50)
+            np.testing.assert_array_equal(got.iterations, solo.iterations)  # type: ignore[attr-defined]
+            np.testing.assert_allclose(got.logits, solo.logits, rtol=0, atol=1e-5)  # type: ignore[attr-defined]
+        assert scheduler.classify(digits[:1], 1e-2).iterations[0] >= 1  # still serving after the closed loop
     finally:
         scheduler.stop()
