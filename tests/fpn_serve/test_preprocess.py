@@ -4,6 +4,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from fpn_serve.errors import ImageError
@@ -73,3 +75,62 @@ def test_sixteen_bit_grayscale_reads_like_eight_bit() -> None:
     np.testing.assert_allclose(
         image_to_input(decode_image(_encode(sixteen)), SPEC), image_to_input(_digit(0, 255), SPEC)
     )
+
+
+def _reference_input(img: Image.Image, spec: InputSpec, dark_background: bool) -> np.ndarray:
+    """The normalisation written out plainly in float32 (as image_to_input did it before its lookup table)."""
+    channels, height, width = spec.shape
+    img = img.convert("L" if channels == 1 else "RGB")
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(img, dtype=np.float32)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    if dark_background:
+        border = np.concatenate(
+            [pixels[:, 0].ravel(), pixels[:, -1].ravel(), pixels[:, :, 0].ravel(), pixels[:, :, -1].ravel()]
+        )
+        if border.mean() > 127:
+            pixels = 255.0 - pixels
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
+    return ((pixels * np.float32(spec.scale) - mean) / std).astype(np.float32)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    channels=st.sampled_from([1, 3]),
+    side=st.integers(2, 40),
+    size=st.tuples(st.integers(1, 50), st.integers(1, 50)),
+    seed=st.integers(0, 2**32 - 1),
+    level=st.one_of(st.none(), st.integers(120, 135)),
+    numbers=st.tuples(st.floats(1e-3, 2.0), st.floats(-2.0, 2.0), st.floats(1e-2, 3.0)),
+    dark_background=st.booleans(),
+)
+def test_the_lookup_table_gives_the_formulas_bits(
+    channels: int,
+    side: int,
+    size: tuple[int, int],
+    seed: int,
+    level: int | None,
+    numbers: tuple[float, float, float],
+    dark_background: bool,
+) -> None:
+    scale, mean, std = numbers
+    spec = InputSpec(
+        shape=(channels, side, side),
+        dtype="float32",
+        layout="NCHW",
+        scale=scale,
+        mean=tuple(mean + 0.1 * c for c in range(channels)),
+        std=tuple(std * (1 + 0.2 * c) for c in range(channels)),
+    )
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if channels == 3 else (size[1], size[0])
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
+    if level is not None:  # a border right at the inversion threshold
+        arr[...] = np.clip(level + rng.integers(-1, 2, shape), 0, 255)
+    img = Image.fromarray(arr)
+    got = image_to_input(img, spec, dark_background=dark_background)
+    want = _reference_input(img, spec, dark_background)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
