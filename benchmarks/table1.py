@@ -53,6 +53,7 @@ def from_checkpoint(path: Path, data_root: Path) -> dict[str, Any]:
         "backprop": cfg.backprop,
         "parameters": model.num_parameters(),
         "epochs": payload.get("epoch"),
+        "trained_on": cfg.device,
         "test_accuracy": result["test_accuracy"],
         "mean_iterations": result["test_mean_iterations"],
         "evaluated": f"torch, eval mode, tol {cfg.tol:g}" if not explicit else "torch, eval mode, one latent layer",
@@ -79,6 +80,7 @@ def from_folder(folder: Path, data_root: Path) -> dict[str, Any]:
         "backprop": prov["backprop"],
         "parameters": prov["parameters"],
         "epochs": prov["epochs"],
+        "trained_on": prov.get("train_config", {}).get("device"),
         "test_accuracy": accuracy,
         "mean_iterations": float(np.concatenate(iterations).mean()),
         "evaluated": f"fpn_serve, tol {engine.manifest.solver.tol:g}",
@@ -99,13 +101,13 @@ def main() -> None:
         rows.append(row)
         print(f"  {row['model']} on {row['dataset']}: {100 * row['test_accuracy']:.2f} %", flush=True)
     lines = [
-        "| dataset | model | parameters | epochs | test accuracy | paper | evaluated |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+        "| dataset | model | parameters | epochs | trained on | test accuracy | paper | evaluated |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | --- |",
     ]
     for r in rows:
         paper = f"{r['paper_accuracy']:.1f} %" if r["paper_accuracy"] is not None else "-"
         lines.append(
-            f"| {r['dataset']} | {r['model']} | {r['parameters']:,} | {r['epochs']} | "
+            f"| {r['dataset']} | {r['model']} | {r['parameters']:,} | {r['epochs']} | {r['trained_on']} | "
             f"{100 * r['test_accuracy']:.2f} % | {paper} | {r['evaluated']} |"
         )
     table = "\n".join(lines) + "\n"
