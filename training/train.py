@@ -231,7 +231,7 @@ def _check_writable(out: Path) -> None:
 def main(args: argparse.Namespace) -> None:
     arch = architectures.get(args.arch)
     spec = DATASETS[args.dataset]
-    if spec.input_shape != arch.input_shape:
+    if spec.input_shape != arch.input_shape and not args.resume:  # a resumed run brings its own
         fitting = [a for a in architectures.available() if architectures.get(a).input_shape == spec.input_shape]
         raise ValueError(
             f"{arch.name} is built for {'x'.join(map(str, arch.input_shape))} inputs but {args.dataset} images are "
