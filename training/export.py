@@ -118,14 +118,25 @@ def _export_graph(
         raise ExportError(f"torch.onnx cannot export {path.stem} at opset {opset}: {str(exc).splitlines()[0]}") from exc
 
 
+def strip_graph(graph: onnx.GraphProto) -> None:
+    """Remove doc strings and node metadata (the exporter's stack traces, with this machine's file
+    paths) from a graph and every subgraph inside it, such as a Loop body."""
+    graph.doc_string = ""
+    for node in graph.node:
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                strip_graph(attr.g)
+            for sub in attr.graphs:
+                strip_graph(sub)
+
+
 def _finish_graph(path: Path, name: str, role: str, opset: int) -> None:
     """Strip what varies between runs, stamp provenance metadata, and run the full ONNX checker."""
     model = onnx.load(str(path))
     model.doc_string = ""
-    model.graph.doc_string = ""
-    for node in model.graph.node:
-        node.doc_string = ""
-        del node.metadata_props[:]
+    strip_graph(model.graph)
     del model.metadata_props[:]
     meta = {"fpn.model": name, "fpn.role": role, "fpn.format": FORMAT, "fpn.opset": str(opset)}
     onnx.helper.set_model_props(model, meta)

@@ -132,6 +132,30 @@ def test_graphs_carry_their_provenance(folders: dict[str, Path]) -> None:
         assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in graph.opset_import)
 
 
+@pytest.mark.parametrize("where", ["export", "shipped"])
+def test_no_graph_carries_doc_strings_or_node_metadata(folders: dict[str, Path], where: str) -> None:
+    """The exporter's stack traces name files of the machine that exported; none may remain, also
+    not inside a Loop body."""
+    folder = folders["fp32"] if where == "export" else Path(__file__).parents[2] / "models" / "mnist"
+
+    def nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+        found = list(graph.node)
+        for node in graph.node:
+            for attr in node.attribute:
+                subgraphs = ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                for sub in subgraphs:
+                    assert not sub.doc_string
+                    found += nodes(sub)
+        return found
+
+    for path in sorted(folder.glob("*.onnx")):
+        model = onnx.load(str(path))
+        every = nodes(model.graph)
+        assert any(n.op_type == "Loop" for n in every) or path.stem not in ("FPN", "FPN1")
+        assert not model.doc_string and not model.graph.doc_string, path.name
+        assert not any(n.doc_string or len(n.metadata_props) for n in every), path.name
+
+
 def test_calibration_and_certificate_are_recorded(folders: dict[str, Path]) -> None:
     folder = folders["fp32"]
     manifest = json.loads((folder / "manifest.json").read_text())
