@@ -281,22 +281,31 @@ def _torchvision_fashion(root: Path, train: bool) -> tuple[torch.Tensor, torch.T
 
 
 def _torchvision_colour(name: str, root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """SVHN or CIFAR-10 from files already under ``root`` (never downloads), as [N, 3, 32, 32] uint8."""
+    """SVHN or CIFAR-10 as [N, 3, 32, 32] uint8: from files under ``root``, else torchvision's
+    download (skipped with FPN_OFFLINE=1), else a DataError saying where to put the files."""
     from torchvision import datasets
 
     folder, what = MANUAL_SOURCES[name]
     where = root / folder if folder else root
-    try:
+
+    def load(download: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if name == "svhn":
-            svhn = datasets.SVHN(str(where), split="train" if train else "test", download=False)
+            svhn = datasets.SVHN(str(where), split="train" if train else "test", download=download)
             return torch.from_numpy(svhn.data), torch.from_numpy(svhn.labels).long()
-        cifar = datasets.CIFAR10(str(where), train=train, download=False)
+        cifar = datasets.CIFAR10(str(where), train=train, download=download)
         return torch.from_numpy(cifar.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(cifar.targets)
+
+    try:
+        return load(download=False)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise DataError(
-            f"{name} is not under {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-            f"this machine cannot download it, so put {what} in {where}"
-        ) from exc
+        tried = f"not under {where} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if os.environ.get("FPN_OFFLINE") != "1":
+        try:
+            with _socket_timeout(10), contextlib.redirect_stdout(io.StringIO()):
+                return load(download=True)
+        except Exception as exc:  # any network or archive failure: say so below
+            tried += f"; torchvision's download failed ({type(exc).__name__})"
+    raise DataError(f"{name} is {tried}; put {what} in {where}")
 
 
 def prepare_mnist(root: Path, *, try_download: bool = True) -> None:

@@ -183,8 +183,9 @@ def test_export_will_not_overwrite_a_folder_without_force(trained: Path, exporte
     ],
 )
 def test_cli_mistakes_get_one_clear_line(module: str, args: list[str], expected: str, tmp_path: Path) -> None:
+    env = {**os.environ, "FPN_OFFLINE": "1"}  # SVHN/CIFAR-10: no download attempt in this test
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env
     )
     assert proc.returncode != 0
     assert expected in proc.stderr

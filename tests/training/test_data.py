@@ -123,3 +123,27 @@ def test_fashion_mnist_without_the_package_says_how_to_get_it(tmp_path: Path, mo
     monkeypatch.setattr(data, "FASHION_DEBIAN_DIR", tmp_path / "absent")
     with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
         data.load_split("fashion-mnist", tmp_path, train=False)
+
+
+def test_cifar10_tries_torchvisions_download_then_says_where_to_put_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision
+
+    calls: list[bool] = []
+
+    class NoNetwork:
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append(download)
+            raise RuntimeError("Dataset not found or corrupted.") if not download else OSError("no route to host")
+
+    monkeypatch.delenv("FPN_OFFLINE", raising=False)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", NoNetwork)
+    with pytest.raises(DataError, match=r"not under .*torchvision's download failed \(OSError\); put the folder "):
+        load_split("cifar10", tmp_path, train=False)
+    assert calls == [False, True]
+    monkeypatch.setenv("FPN_OFFLINE", "1")
+    calls.clear()
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        load_split("cifar10", tmp_path, train=False)
+    assert calls == [False]  # offline: no download attempt
