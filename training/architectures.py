@@ -75,8 +75,8 @@ class Latent(nn.Module):
         raise NotImplementedError
 
 
-class ContractiveReLULatent(Latent):
-    """T(u, z) = ReLU(W (gamma * u + z)) with ||W||_2 <= 1: Lipschitz in u with factor gamma."""
+class _OneMatrixLatent(Latent):
+    """A latent whose u-path has one spectrally bounded matrix W: Lipschitz in u with factor gamma ||W||."""
 
     def __init__(self, features: int, gamma: float) -> None:
         super().__init__(features, gamma)
@@ -84,31 +84,24 @@ class ContractiveReLULatent(Latent):
 
     def weights(self) -> Weights:
         return (self.linear.weight(),)
+
+    def lipschitz_bound(self) -> float:
+        with torch.no_grad():
+            return self.gamma * _spectral(self.linear.weight())
+
+
+class ContractiveReLULatent(_OneMatrixLatent):
+    """T(u, z) = ReLU(W (gamma * u + z)) with ||W||_2 <= 1: Lipschitz in u with factor gamma."""
 
     def apply_with(self, weights: Weights, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.relu((self.gamma * u + z) @ weights[0].T)
 
-    def lipschitz_bound(self) -> float:
-        with torch.no_grad():
-            return self.gamma * _spectral(self.linear.weight())
 
-
-class LinearOfReLULatent(Latent):
+class LinearOfReLULatent(_OneMatrixLatent):
     """T(u, z) = W (gamma * ReLU(u) + z) with ||W||_2 <= 1 (the paper's CIFAR-10 latent)."""
-
-    def __init__(self, features: int, gamma: float) -> None:
-        super().__init__(features, gamma)
-        self.linear = SpectrallyBoundedLinear(features)
-
-    def weights(self) -> Weights:
-        return (self.linear.weight(),)
 
     def apply_with(self, weights: Weights, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return (self.gamma * torch.relu(u) + z) @ weights[0].T
-
-    def lipschitz_bound(self) -> float:
-        with torch.no_grad():
-            return self.gamma * _spectral(self.linear.weight())
 
 
 class ResidualLeakyLatent(Latent):

@@ -67,8 +67,7 @@ def anderson(
     """
     batch = u0.shape[0]
     dev = u0.device
-    flat = u0.flatten(1)
-    n = flat.shape[1]
+    n = u0[0].numel()
     u = u0
     out = u0.clone()
     iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
