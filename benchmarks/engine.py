@@ -13,6 +13,7 @@ figures are medians. Needs the ``train`` extra (torch, matplotlib) and MNIST und
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -20,9 +21,8 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,34 +201,28 @@ def bench_vs_torch(engine: Engine, x_all: np.ndarray, repeats: int) -> list[dict
 
 
 def _load(
-    call: Callable[[np.ndarray, float], object], x_all: np.ndarray, callers: int, per_caller: int
+    call: Callable[[np.ndarray, float], Awaitable[object]], x_all: np.ndarray, callers: int, per_caller: int
 ) -> dict[str, Any]:
-    """``callers`` threads each send ``per_caller`` batch-1 requests, tolerances cycling 1e-1..1e-6."""
+    """``callers`` coroutines on one event loop, as the HTTP server's requests are, each send
+    ``per_caller`` one-input requests back to back with tolerances cycling 1e-1..1e-6, and yield to
+    the loop between requests as a caller on the network does."""
     latencies: dict[float, list[float]] = {t: [] for t in TOLS}
-    lock = threading.Lock()
-    barrier = threading.Barrier(callers + 1)
 
-    def caller(cid: int) -> None:
-        mine: list[tuple[float, float]] = []
-        barrier.wait()
+    async def caller(cid: int) -> None:
         for i in range(per_caller):
             tol = TOLS[(cid + i) % len(TOLS)]
             x = x_all[(cid * per_caller + i) % len(x_all)][None]
             t = time.perf_counter()
-            call(x, tol)
-            mine.append((tol, time.perf_counter() - t))
-        with lock:
-            for tol, dt in mine:
-                latencies[tol].append(dt)
+            await call(x, tol)
+            latencies[tol].append(time.perf_counter() - t)
+            await asyncio.sleep(0)
 
-    threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    async def everyone() -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(callers)))
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(everyone())
     total = callers * per_caller
     return {
         "requests": total,
@@ -238,21 +232,37 @@ def _load(
     }
 
 
-def bench_scheduler(engine: Engine, x_all: np.ndarray, quick: bool) -> dict[str, Any]:
-    per_caller_total = 600 if quick else 3000
+def bench_scheduler(model_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str, Any]:
+    """The scheduler against one-at-a-time execution, the engine loaded as ``fpn-serve`` loads it.
+
+    One at a time: each request runs ``engine.classify`` on the loop when its turn comes, as a
+    server without batching does (for one input on the CPU, one FPN1.onnx call). The scheduler:
+    ``submit_async``, as ``/classify`` does. The two take turns, caller count by caller count.
+    """
+    from fpn_serve.app import serving_threads
+
+    engine = Engine.load(model_dir, device="cpu", threads=serving_threads(0))
+    per_caller_total = 600 if quick else 4000
     scheduler = Scheduler(engine, max_active=256)
     scheduler.start()
-    serial = threading.Lock()
 
-    def sequential(x: np.ndarray, tol: float) -> object:
-        with serial:  # one request at a time, as a server without batching runs them
-            return engine.classify(x, tol=tol)
+    async def sequential(x: np.ndarray, tol: float) -> object:
+        return engine.classify(x, tol=tol)
 
-    def batched(x: np.ndarray, tol: float) -> object:
-        return scheduler.classify(x, tol=tol)
+    async def batched(x: np.ndarray, tol: float) -> object:
+        return await scheduler.submit_async(x, tol=tol)
+
+    async def alone_ms() -> float:
+        times = []
+        for i in range(400):
+            t = time.perf_counter()
+            await scheduler.submit_async(x_all[i % len(x_all)][None], tol=1e-1)
+            times.append(time.perf_counter() - t)
+            await asyncio.sleep(0)
+        return 1e3 * statistics.median(times[100:])
 
     try:
-        alone = median_seconds(lambda: scheduler.classify(x_all[:1], tol=1e-1), 300)
+        alone = asyncio.run(alone_ms())
         rows = []
         for callers in (1, 8, 32, 64):
             per_caller = max(per_caller_total // callers, 10)
@@ -264,12 +274,12 @@ def bench_scheduler(engine: Engine, x_all: np.ndarray, quick: bool) -> dict[str,
                     "sequential": seq,
                     "scheduler": sch,
                     "throughput_ratio": sch["throughput_rps"] / seq["throughput_rps"],
-                    "tol_0.1_p50_vs_alone": sch["p50_ms"]["0.1"] / (alone * 1e3),
+                    "tol_0.1_p50_vs_alone": sch["p50_ms"]["0.1"] / alone,
                 }
             )
     finally:
         scheduler.stop()
-    return {"tol_0.1_alone_ms": alone * 1e3, "rows": rows}
+    return {"tol_0.1_alone_ms": alone, "q_threads": serving_threads(0), "rows": rows, "stats": scheduler.stats}
 
 
 def bench_tolerance_curve(engine: Engine, x: np.ndarray, y: np.ndarray, out_png: Path) -> list[dict[str, Any]]:
@@ -359,7 +369,7 @@ def main() -> None:
                 f"{r['engine_mean_iterations']:>6.2f} {r['label_agreement']:>6.3f}"
             )
     if "scheduler" in args.parts:
-        sched = bench_scheduler(engine, x, args.quick)
+        sched = bench_scheduler(args.model, x, args.quick)
         report["scheduler"] = sched
         print(f"\nScheduler against one-at-a-time execution (tol=1e-1 alone: {sched['tol_0.1_alone_ms']:.3f} ms)")
         print(

@@ -1,11 +1,22 @@
 """Iteration-level batching: concurrent requests share one active batch, rebuilt every iteration.
 
-One worker thread owns a ``StepRunner``. At each iteration boundary it admits waiting requests
-(their Q computed in one batched run) as far as the active batch has room, applies T once to every
-active sample, and lets each sample leave the moment it meets its own request's tol, reaches its
-own max_iter or its request's deadline. A request is answered as soon as its last sample leaves,
-however long the others run. Admission is first come, first served, and every sample leaves after
-at most max_iter iterations, so no request waits forever behind others.
+Two worker threads form a pipeline. The *encoder* takes waiting requests a few rows at a time and
+computes their Q in one batched run; the *stepper* moves encoded requests into the active batch at
+the next iteration boundary, applies T once to every active sample, and lets each sample leave the
+moment it meets its own request's tol, reaches its own max_iter or its request's deadline. A
+request is answered (S, batched over the requests that finish in the same iteration) as soon as
+its last sample leaves, however long the others run. Q of newcomers never stalls the iterations of
+the requests already running, and ONNX Runtime releases the GIL, so on two or more cores the two
+stages run at once.
+
+Admission order. Under load Q is the costly stage, so the order of the queue decides who waits.
+Each request gets a virtual deadline: its arrival time plus ``slack`` times its expected service,
+the iterations its tolerance needs (from the calibration in the model's manifest, capped by its
+max_iter) times the measured time of one iteration. Loose-tolerance requests, which leave after a
+few iterations, therefore pass tight ones in the queue and keep their latency near their latency
+alone. A request is passed only by requests whose virtual deadline is earlier, which arrive at
+most ``slack`` times its own expected service after it, so none starves. A request's own deadline
+(``deadline_ms``) caps its virtual deadline.
 
     scheduler = Scheduler(engine, max_active=256, max_queue=1024)
     scheduler.start()
@@ -20,11 +31,15 @@ admitted, and one cancelled while it runs finishes without disturbing the others
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,9 +48,14 @@ import numpy as np
 
 from .engine import ClassifyResult, Engine
 from .errors import FPNServeError, InputError
+from .manifest import Manifest
 from .solvers import SolveOutput
 
 log = logging.getLogger("fpn_serve")
+
+ENCODE_ROWS = 8  # rows per Q run: Q costs about the same per row from batch 4 up; short runs let urgent requests in
+SLACK = 100.0  # virtual deadline = arrival + SLACK * expected service
+SOLO_MAX_ITER = 100  # a request that finds the scheduler idle runs on its own if it is short
 
 
 class QueueFull(FPNServeError):
@@ -74,16 +94,39 @@ class _Request:
 class Scheduler:
     """Shares one active batch between concurrent ``classify`` calls on one engine."""
 
-    def __init__(self, engine: Engine, *, max_active: int = 256, max_queue: int = 1024) -> None:
-        if max_active < 1 or max_queue < 1:
-            raise ValueError("max_active and max_queue must be >= 1")
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_active: int = 256,
+        max_queue: int = 1024,
+        encode_rows: int = ENCODE_ROWS,
+        slack: float = SLACK,
+        encoders: int = 1,
+    ) -> None:
+        if max_active < 1 or max_queue < 1 or encode_rows < 1:
+            raise ValueError("max_active, max_queue and encode_rows must be >= 1")
+        if not slack >= 0:
+            raise ValueError("slack must be >= 0")
         self.engine = engine
         self.max_active = max_active
         self.max_queue = max_queue
-        self._waiting: deque[_Request] = deque()
-        self._cond = threading.Condition()
+        self.encode_rows = encode_rows
+        self.slack = slack
+        self.encoders = encoders
+        self._iterations_for = expected_iterations(engine.manifest)
+        self._waiting: list[tuple[float, int, _Request]] = []  # heap by virtual deadline
+        self._seq = itertools.count()  # ties keep arrival order
+        self._ready: list[tuple[list[_Request], np.ndarray]] = []  # encoded, joining at the next iteration
+        self._occupied = 0  # rows encoding, ready or active: never more than max_active
+        self._lock = threading.Lock()
+        self._to_encode = threading.Condition(self._lock)
+        self._to_step = threading.Condition(self._lock)
         self._running = False
-        self._thread: threading.Thread | None = None
+        self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
+        self._loop_owed = False  # a request ran on its own on an event loop that has not turned since
+        self._threads: list[threading.Thread] = []
+        self._iteration_s = 50e-6  # running mean of one iteration's wall time, for the virtual deadlines
         self._runner = engine.new_runner(max_active)
         # per active row, in runner order
         self._owner: list[_Request] = []
@@ -92,7 +135,7 @@ class Scheduler:
         self._max_iter = np.zeros(max_active, np.int32)
         self._deadline = np.zeros(max_active, np.float64)
         self._iters = np.zeros(max_active, np.int32)
-        self.stats = {"iterations": 0, "admitted": 0, "answered": 0, "max_active_seen": 0}
+        self.stats = {"iterations": 0, "admitted": 0, "answered": 0, "solo": 0, "max_active_seen": 0}
 
     # -- public ------------------------------------------------------------------------------
     @property
@@ -104,21 +147,30 @@ class Scheduler:
         return self._runner.n
 
     def start(self) -> None:
-        with self._cond:
+        with self._lock:
             if self._running:
                 return
             self._running = True
-        self._thread = threading.Thread(target=self._loop, name=f"fpn-scheduler-{self.engine.name}", daemon=True)
-        self._thread.start()
+        name = self.engine.name
+        self._threads = [
+            *(
+                threading.Thread(target=self._encode_loop, name=f"fpn-encoder-{name}-{i}", daemon=True)
+                for i in range(self.encoders)
+            ),
+            threading.Thread(target=self._step_loop, name=f"fpn-scheduler-{name}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish what is active and queued, then stop the worker."""
-        with self._cond:
+        """Finish what is active and queued, then stop the workers."""
+        with self._lock:
             self._running = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+            self._to_encode.notify_all()
+            self._to_step.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
 
     def submit(
         self, x: Any, tol: float | None = None, max_iter: int | None = None, *, deadline_ms: float | None = None
@@ -161,31 +213,134 @@ class Scheduler:
                 raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
             deadline = submitted + deadline_ms / 1000.0
         request = _Request(x, tol, max_iter, deadline, future, loop)
-        with self._cond:
+        service = min(self._iterations_for(tol), max_iter) * self._iteration_s
+        key = min(submitted + self.slack * service, deadline)
+        with self._lock:
             if not self._running:
                 raise QueueFull("the scheduler is not running", retry_after=1.0)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are queued, the most allowed; retry shortly")
-            self._waiting.append(request)
-            self._cond.notify()
+            # Alone in an idle scheduler there is nothing to share a batch with: the caller runs it
+            # itself, as one engine call, while later requests queue for the shared batch as usual.
+            # On an event loop, that blocks the loop; the next request of that loop runs on its own
+            # only after the loop has turned once (read its sockets, resumed its other callers), so
+            # a burst of callers still meets in the shared batch.
+            solo = (
+                self._occupied == 0
+                and not self._waiting
+                and x.shape[0] == 1
+                and max_iter <= SOLO_MAX_ITER
+                and math.isinf(deadline)
+                and not (loop is not None and self._loop_owed)
+                and _still_wanted(request)
+            )
+            if solo:
+                self._occupied = 1
+            else:
+                heapq.heappush(self._waiting, (key, next(self._seq), request))
+                self._to_encode.notify()
+        if solo:
+            self._run_solo(request)
 
     def classify(
         self, x: Any, tol: float | None = None, max_iter: int | None = None, *, deadline_ms: float | None = None
     ) -> ClassifyResult:
         return self.submit(x, tol, max_iter, deadline_ms=deadline_ms).result()
 
-    # -- the worker --------------------------------------------------------------------------
-    def _loop(self) -> None:
+    # -- the encoder: Q of newcomers, a few rows at a time -----------------------------------
+    def _encode_loop(self) -> None:
         while True:
-            with self._cond:
-                while self._running and not self._waiting and self._runner.n == 0:
-                    self._cond.wait()
-                if not self._running and not self._waiting and self._runner.n == 0:
-                    return
-                admitted = self._take_admissible()
+            with self._lock:
+                while not (self._waiting and self._fits()):
+                    if not self._running and not self._waiting:
+                        self._to_step.notify_all()  # the stepper may now finish
+                        return
+                    self._to_encode.wait()
+                taken = self._take_admissible()
+                rows = sum(r.x.shape[0] for r in taken)
+                self._encoding_rows += rows
+            if not taken:  # the head of the queue had been cancelled
+                continue
             try:
-                if admitted:
-                    self._admit(admitted)
+                z = self.engine.encode(np.concatenate([r.x for r in taken]) if len(taken) > 1 else taken[0].x)
+            except Exception as exc:  # these callers get the error; nobody else is affected
+                log.exception("scheduler: Q failed")
+                _settle([(req, exc) for req in taken])
+                with self._lock:
+                    self._occupied -= rows
+                    self._encoding_rows -= rows
+                    self._to_step.notify()
+                continue
+            with self._lock:
+                self._ready.append((taken, z))
+                self._encoding_rows -= rows
+                self._to_step.notify()
+
+    def _run_solo(self, req: _Request) -> None:
+        """Answer a request that found the scheduler idle in the caller's own thread, with one
+        ``engine.classify`` call (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX
+        Runtime run): the same answer to the bit as the shared batch gives, without two thread
+        hand-offs and the per-iteration bookkeeping."""
+        try:
+            outcome: Outcome = self.engine.classify(req.x, req.tol, req.max_iter)
+        except Exception as exc:
+            outcome = exc
+        with self._lock:
+            self._occupied -= 1
+            if self._waiting:
+                self._to_encode.notify()
+            self.stats["admitted"] += 1
+            self.stats["solo"] += 1
+            self.stats["answered"] += 1
+        if req.loop is not None:
+            self._loop_owed = True
+            req.loop.call_soon(self._loop_turned)
+        future = req.future
+        if future.done():  # an asyncio caller gave up meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+    def _loop_turned(self) -> None:
+        self._loop_owed = False
+
+    def _fits(self) -> bool:
+        rows: int = self._waiting[0][2].x.shape[0]
+        return rows <= self.max_active - self._occupied
+
+    def _take_admissible(self) -> list[_Request]:
+        """Pop requests by virtual deadline while they fit, up to ``encode_rows`` rows (at least one
+        request). The head is never skipped, so a large request is not passed by smaller ones."""
+        taken: list[_Request] = []
+        rows = 0
+        while self._waiting and rows < self.encode_rows:
+            req = self._waiting[0][2]
+            n = req.x.shape[0]
+            if n > self.max_active - self._occupied:
+                break
+            heapq.heappop(self._waiting)
+            if not _still_wanted(req):  # cancelled while it waited: nobody needs the answer
+                continue
+            self._occupied += n
+            rows += n
+            taken.append(req)
+        return taken
+
+    # -- the stepper: one iteration of the active batch at a time ----------------------------
+    def _step_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._ready and self._runner.n == 0:
+                    if not self._running and not self._waiting and not self._encoding_rows:
+                        return
+                    self._to_step.wait()
+                ready, self._ready = self._ready, []
+            admitted: list[_Request] = [req for batch, _ in ready for req in batch]
+            try:
+                for batch, z in ready:
+                    self._admit(batch, z)
                 admitted = []  # from here on they are in the active batch (self._owner)
                 if self._runner.n:
                     self._iterate()
@@ -193,19 +348,7 @@ class Scheduler:
                 log.exception("scheduler iteration failed")
                 self._fail_all(exc, admitted)
 
-    def _take_admissible(self) -> list[_Request]:
-        free = self.max_active - self._runner.n
-        taken = []
-        while self._waiting and self._waiting[0].x.shape[0] <= free:  # FIFO: never skip the head
-            req = self._waiting.popleft()
-            if not _still_wanted(req):  # cancelled while it waited: nobody needs the answer
-                continue
-            free -= req.x.shape[0]
-            taken.append(req)
-        return taken
-
-    def _admit(self, requests: list[_Request]) -> None:
-        z = self.engine.encode(np.concatenate([r.x for r in requests]) if len(requests) > 1 else requests[0].x)
+    def _admit(self, requests: list[_Request], z: np.ndarray) -> None:
         start = self._runner.n
         self._runner.add(z)
         for req in requests:
@@ -224,11 +367,14 @@ class Scheduler:
     def _iterate(self) -> None:
         n = self._runner.n
         self.stats["max_active_seen"] = max(self.stats["max_active_seen"], n)
+        began = time.perf_counter()
         r, st = self._runner.step()
+        now = time.perf_counter()
+        self._iteration_s += 0.05 * (now - began - self._iteration_s)
         self.stats["iterations"] += 1
         iters = self._iters[:n]
         iters += 1
-        done = (r <= self._tol[:n]) | (iters >= self._max_iter[:n]) | (self._deadline[:n] <= time.perf_counter())
+        done = (r <= self._tol[:n]) | (iters >= self._max_iter[:n]) | (self._deadline[:n] <= now)
         if not done.any():
             return
         idx = np.flatnonzero(done)
@@ -252,6 +398,10 @@ class Scheduler:
         for arr in (self._row, self._tol, self._max_iter, self._deadline, self._iters):
             arr[:m] = arr[:n][keep]
         self._runner.keep(keep)
+        with self._lock:  # room for newcomers
+            self._occupied -= n - m
+            if self._waiting:
+                self._to_encode.notify()
         if finished:
             self._answer(finished)
 
@@ -303,13 +453,19 @@ class Scheduler:
         self.stats["answered"] += len(finished)
 
     def _fail_all(self, exc: Exception, admitted: list[_Request]) -> None:
-        with self._cond:
-            pending = list(self._waiting)
-            self._waiting.clear()
-        _settle([(req, exc) for req in {id(r): r for r in [*self._owner, *admitted, *pending]}.values()])
+        """An iteration failed: every request in the active batch, joining it or encoded for it gets
+        ``exc``; the queue is left to run later."""
+        with self._lock:
+            ready = [req for batch, _ in self._ready for req in batch]
+            self._ready = []
+        victims = {id(r): r for r in [*self._owner, *admitted, *ready]}.values()
+        _settle([(req, exc) for req in victims])
         self._owner = []
         if self._runner.n:
             self._runner.keep(np.zeros(self._runner.n, bool))
+        with self._lock:
+            self._occupied = self._encoding_rows
+            self._to_encode.notify()
 
 
 def _still_wanted(req: _Request) -> bool:
@@ -349,3 +505,40 @@ def _deliver(items: list[tuple[asyncio.Future[ClassifyResult], Outcome]]) -> Non
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def expected_iterations(manifest: Manifest) -> Callable[[float], float]:
+    """The iterations a request at ``tol`` needs on average, for ordering the queue.
+
+    From the manifest's calibration (mean iterations at several tolerances), linear in log10(tol)
+    between them and beyond them; without one, from the certified contraction factor gamma:
+    log(tol) / log(gamma). At least 1; infinite for tol = 0.
+    """
+    rows = sorted(
+        (math.log10(float(t["tol"])), float(t["mean_iterations"]))
+        for t in manifest.calibration.get("tolerances", [])
+        if isinstance(t, dict) and float(t.get("tol", 0)) > 0 and "mean_iterations" in t
+    )
+    if len(rows) >= 2:
+        xs = [r[0] for r in rows]
+        ys = [r[1] for r in rows]
+
+        def from_calibration(tol: float) -> float:
+            if tol <= 0:
+                return math.inf
+            x = math.log10(tol)
+            i = min(max(bisect.bisect_left(xs, x), 1), len(xs) - 1)
+            slope = (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1])
+            return max(1.0, ys[i - 1] + slope * (x - xs[i - 1]))
+
+        return from_calibration
+    factor = manifest.contraction.gamma
+
+    def from_contraction(tol: float) -> float:
+        if tol <= 0:
+            return math.inf
+        if not 0 < factor < 1:
+            return 1.0
+        return max(1.0, math.log(tol) / math.log(factor))
+
+    return from_contraction

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from fpn_serve import Engine, InputError
-from fpn_serve.scheduler import QueueFull, Scheduler
+from fpn_serve.manifest import load_manifest
+from fpn_serve.scheduler import QueueFull, Scheduler, expected_iterations
 
 from .synthetic import linear_model
 
@@ -176,23 +178,89 @@ def test_default_max_iter_respects_a_lower_cap(shipped_model: Path, digits: np.n
     assert result.iterations.max() == 5
 
 
-def test_scheduler_answers_every_caller_when_an_iteration_fails(
+def test_a_failing_stage_answers_its_callers_and_the_scheduler_goes_on(
     engine: Engine, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scheduler = Scheduler(engine, max_active=8)
 
-    def broken(x: np.ndarray) -> np.ndarray:
+    def broken_q(x: np.ndarray) -> np.ndarray:
         raise RuntimeError("Q failed")
 
-    monkeypatch.setattr(scheduler.engine, "encode", broken)
+    def broken_t() -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError("T failed")
+
     scheduler.start()
     try:
-        futures = [scheduler.submit(digits[i : i + 1]) for i in range(3)]
-        for f in futures:
-            with pytest.raises(RuntimeError, match="Q failed"):
-                f.result(10)
+        with monkeypatch.context() as patch:
+            patch.setattr(scheduler.engine, "encode", broken_q)
+            futures = [scheduler.submit(digits[i : i + 2]) for i in range(0, 6, 2)]  # two inputs: the shared batch
+            for f in futures:
+                with pytest.raises(RuntimeError, match="Q failed"):
+                    f.result(10)
+        with monkeypatch.context() as patch:
+            patch.setattr(scheduler._runner, "step", broken_t)
+            futures = [scheduler.submit(digits[i : i + 2]) for i in range(0, 6, 2)]
+            for f in futures:
+                with pytest.raises(RuntimeError, match="T failed"):
+                    f.result(10)
+        got = scheduler.classify(digits[:2], 1e-3)  # the faults are gone: served as before
+        np.testing.assert_array_equal(got.iterations, engine.classify(digits[:2], 1e-3).iterations)
     finally:
         scheduler.stop()
+
+
+def test_an_idle_scheduler_answers_a_lone_input_in_the_callers_thread(engine: Engine, digits: np.ndarray) -> None:
+    scheduler = Scheduler(engine, max_active=8)
+    scheduler.start()
+    try:
+        got = scheduler.classify(digits[5:6], 1e-4)
+        assert scheduler.stats["solo"] == 1 and scheduler.stats["iterations"] == 0  # no shared batch involved
+        solo = engine.classify(digits[5:6], 1e-4)
+        for name in ("labels", "logits", "iterations", "residuals", "error_bounds"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(solo, name), err_msg=name)
+
+        async def burst() -> list[object]:
+            # the first runs on the loop; the second comes before the loop has turned: the shared batch
+            first = scheduler.submit_async(digits[6:7], 1e-3)
+            second = scheduler.submit_async(digits[7:8], 1e-3)
+            return list(await asyncio.gather(first, second))
+
+        first, second = asyncio.run(burst())
+        assert scheduler.stats["solo"] == 2 and scheduler.stats["admitted"] == 3
+        for i, result in ((6, first), (7, second)):
+            np.testing.assert_array_equal(result.logits, engine.classify(digits[i : i + 1], 1e-3).logits)  # type: ignore[attr-defined]
+    finally:
+        scheduler.stop()
+
+
+def test_the_queue_lets_loose_requests_pass_tight_ones_but_not_forever(engine: Engine, digits: np.ndarray) -> None:
+    scheduler = Scheduler(engine, max_active=8, encode_rows=2)
+    scheduler._running = True  # take requests without starting the workers: the queue's order is under test
+    tight = scheduler.submit(digits[:2], 1e-6)
+    loose = scheduler.submit(digits[2:4], 1e-1)
+    assert [r.future for r in scheduler._take_admissible()] == [loose]
+    assert [r.future for r in scheduler._take_admissible()] == [tight]
+    # a tight request that has waited longer than its slack goes before a loose newcomer
+    waited = scheduler.submit(digits[:2], 1e-6)
+    expected = scheduler.slack * (expected_iterations(engine.manifest)(1e-6) - 1) * scheduler._iteration_s
+    time.sleep(expected + 0.05)
+    newcomer = scheduler.submit(digits[2:4], 1e-1)
+    assert [r.future for r in scheduler._take_admissible()] == [waited]
+    assert [r.future for r in scheduler._take_admissible()] == [newcomer]
+
+
+def test_expected_iterations_follow_the_calibration(engine: Engine, tmp_path: Path) -> None:
+    expect = expected_iterations(engine.manifest)
+    table = {row["tol"]: row["mean_iterations"] for row in engine.manifest.calibration["tolerances"]}
+    for tol, mean in table.items():
+        assert expect(tol) == pytest.approx(mean)
+    assert expect(3e-4) == pytest.approx((table[1e-3] + table[1e-4]) / 2, rel=0.1)
+    assert expect(1e-8) > expect(1e-6) > expect(1e-5) and expect(0.9) >= 1.0
+    assert expect(0.0) == float("inf")
+    bare = load_manifest(linear_model(tmp_path / "m", scale=0.5, gamma=0.5))
+    assert not bare.calibration  # no calibration: from the certified factor, log(tol) / log(gamma)
+    assert expected_iterations(bare)(1e-3) == pytest.approx(math.log(1e-3) / math.log(0.5))
+    assert expected_iterations(bare)(0.9) == 1.0
 
 
 def test_a_caller_giving_up_never_disturbs_the_others(engine: Engine, digits: np.ndarray) -> None:
