@@ -1,7 +1,9 @@
 """GPU check and timings of the engine on the CUDA execution provider (run by benchmarks/gpu.sh).
 
 1. Correctness: the CUDA engine against the CPU engine on the same inputs (labels, iterations,
-   logits), for the single-graph path (fpn.onnx, an ONNX Loop) and the three-graph loop.
+   logits), for the single-graph path (fpn.onnx, an ONNX Loop) and the three-graph loop; and the
+   scheduler on CUDA (its encoder and stepper threads, 256 concurrent callers with tolerances
+   1e-1 .. 1e-6) against the CUDA engine's three-graph loop on each input alone.
 2. Latency at batch 1 (median) and throughput at batch 1 .. 4096 for: a plain ``session.run``
    loop over T.onnx (numpy in and out, what a user writes), the engine's IOBinding loop
    (device-resident ping-pong buffers, fused step graph), the single-graph Loop, and the step
@@ -12,6 +14,7 @@ Prints a table and writes benchmarks/results/gpu.json (or $OUT/gpu.json when OUT
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import platform
@@ -31,6 +34,7 @@ if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where present
 
 from fpn_serve import Engine  # noqa: E402
+from fpn_serve.scheduler import Scheduler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import median_seconds  # noqa: E402  (benchmarks/engine.py)
@@ -94,6 +98,40 @@ def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int) -> tuple[float, 
     return per_iter, u[1].numpy()
 
 
+def check_scheduler(engine: Engine, n: int = 256) -> dict[str, Any]:
+    """n concurrent one-input callers through the scheduler, each answer against the same input alone."""
+    xs = inputs(n, seed=7)
+    tols = [10.0 ** -(1 + i % 6) for i in range(n)]
+    scheduler = Scheduler(engine, max_active=256)
+    scheduler.start()
+
+    async def everyone() -> list[Any]:
+        return list(await asyncio.gather(*(scheduler.submit_async(xs[i : i + 1], tols[i]) for i in range(n))))
+
+    try:
+        asyncio.run(everyone())  # warm up
+        started = time.perf_counter()
+        shared = asyncio.run(everyone())
+        elapsed = time.perf_counter() - started
+    finally:
+        scheduler.stop()
+    alone = [engine.decode(engine.solve(engine.encode(xs[i : i + 1]), tols[i], 100), tols[i]) for i in range(n)]
+    started = time.perf_counter()
+    for i in range(n):
+        engine.classify(xs[i : i + 1], tols[i])
+    sequential = time.perf_counter() - started
+    pairs = list(zip(shared, alone, strict=True))
+    return {
+        "callers": n,
+        "iterations_equal": float(np.mean([a.iterations[0] == b.iterations[0] for a, b in pairs])),
+        "labels_equal": float(np.mean([a.labels[0] == b.labels[0] for a, b in pairs])),
+        "max_logit_gap": float(max(np.abs(a.logits - b.logits).max() for a, b in pairs)),
+        "max_active_seen": scheduler.stats["max_active_seen"],
+        "scheduler_requests_per_s": n / elapsed,
+        "one_at_a_time_requests_per_s": n / sequential,
+    }
+
+
 def main() -> None:
     model_dir = REPO / "models" / "mnist"
     out_dir = Path(os.environ.get("OUT", REPO / "benchmarks" / "results"))
@@ -126,6 +164,8 @@ def main() -> None:
         }
         print(name, checks[name], flush=True)
     report["correctness"] = checks
+    report["scheduler"] = check_scheduler(gpu)
+    print("scheduler", report["scheduler"], flush=True)
 
     # 2. latency at batch 1 and throughput at batch 1 .. 4096 (fixed 10 iterations)
     rows = []
