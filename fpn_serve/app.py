@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -146,21 +147,25 @@ def load_registry(config: ServerConfig) -> ModelRegistry:
 # Response models (they also document the API in OpenAPI)
 
 
+# JSON has no inf or NaN: such a value is sent as null. error_bound is null for a model without a
+# contraction certificate (gamma >= 1); a diverging iterate can overflow the others.
+
+
 class Ranked(BaseModel):
     label: str
     index: int
-    probability: float
+    probability: float | None
 
 
 class Prediction(BaseModel):
     label: str
     index: int
-    probabilities: list[float] | None = None  # every class, unless top_k was asked for
+    probabilities: list[float | None] | None = None  # every class, unless top_k was asked for
     top_k: list[Ranked] | None = None  # the k most probable classes, most probable first
     iterations: int
-    residual: float
+    residual: float | None
     converged: bool
-    error_bound: float
+    error_bound: float | None
 
 
 class ClassifyResponse(BaseModel):
@@ -365,6 +370,11 @@ def _refuse_booleans(value: Any) -> None:
             stack.extend(item)
 
 
+def json_floats(values: np.ndarray) -> list[float | None]:
+    """The values as JSON numbers, with null for inf and NaN (which JSON cannot hold)."""
+    return [v if math.isfinite(v) else None for v in values.ravel().tolist()]
+
+
 def _response(
     engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int, top_k: int | None = None
 ) -> JSONResponse:
@@ -379,18 +389,20 @@ def _response(
         result.error_bounds.tolist(),
         strict=True,
     )
+    finite = bool(np.isfinite(result.probabilities).all())
     for i, (label, iterations, residual, converged, error_bound) in enumerate(columns):
         probs = result.probabilities[i]
         pred: dict[str, Any] = {"label": names[label], "index": label}
+        values = probs.tolist() if finite else json_floats(probs)
         if top_k:
             order = np.argsort(-probs, kind="stable")[:top_k].tolist()
-            pred["top_k"] = [{"label": names[j], "index": j, "probability": float(probs[j])} for j in order]
+            pred["top_k"] = [{"label": names[j], "index": j, "probability": values[j]} for j in order]
         else:
-            pred["probabilities"] = probs.tolist()
+            pred["probabilities"] = values
         pred["iterations"] = iterations
-        pred["residual"] = residual
+        pred["residual"] = residual if math.isfinite(residual) else None
         pred["converged"] = converged
-        pred["error_bound"] = error_bound
+        pred["error_bound"] = error_bound if math.isfinite(error_bound) else None
         predictions.append(pred)
     return JSONResponse(
         {

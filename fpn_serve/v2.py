@@ -24,7 +24,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from . import __version__
-from .app import ModelRegistry, Registry, ServerConfig, read_body, run_model
+from .app import ModelRegistry, Registry, ServerConfig, json_floats, read_body, run_model
 from .engine import ClassifyResult, Engine
 from .errors import InputError
 from .scheduler import QueueFull
@@ -136,7 +136,8 @@ def _tensors(result: ClassifyResult, names: list[str]) -> list[dict[str, Any]]:
     out = []
     for name in names:
         datatype, value = table[name]
-        out.append({"name": name, "datatype": datatype, "shape": list(value.shape), "data": value.ravel().tolist()})
+        data = value.ravel().tolist() if datatype != "FP32" or np.isfinite(value).all() else json_floats(value)
+        out.append({"name": name, "datatype": datatype, "shape": list(value.shape), "data": data})
     return out
 
 

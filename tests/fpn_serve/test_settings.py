@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ..conftest import running_server  # type: ignore[import-not-found]
+from .synthetic import linear_model
 
 pytestmark = pytest.mark.slow
 
@@ -55,7 +56,22 @@ def test_environment_settings_apply(locked: httpx.Client) -> None:
     assert r.status_code == 504 and "deadline_ms" in r.json()["detail"]
 
 
-def test_image_requests_get_the_token_check_and_the_timeout(locked: httpx.Client, repo: Path) -> None:
+@pytest.fixture(scope="module")
+def never_done(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model whose residual is 1/k after k iterations: tol=1e-9 takes max_iter iterations, whatever
+    the rounding of the machine."""
+    return linear_model(tmp_path_factory.mktemp("never") / "never", scale=1.0)
+
+
+def test_image_requests_get_the_token_check_and_the_timeout(
+    never_done: Path, repo: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    env = {"FPN_SERVE_TOKEN": "s3cret", "FPN_SERVE_REQUEST_TIMEOUT_S": "0.05", "FPN_SERVE_MAX_ITER_CAP": "20000"}
+    with running_server(never_done, tmp_path_factory.mktemp("locked-images"), env) as locked:
+        _image_requests_get_the_token_check_and_the_timeout(locked, repo)
+
+
+def _image_requests_get_the_token_check_and_the_timeout(locked: httpx.Client, repo: Path) -> None:
     png = {"content": (repo / "examples" / "seven.png").read_bytes(), "headers": {"content-type": "image/png"}}
     auth = {"authorization": "Bearer s3cret", "content-type": "image/png"}
     r = locked.post("/classify", **png)  # type: ignore[arg-type]
@@ -87,7 +103,7 @@ def test_bad_flags_get_one_clear_line(args: list[str], message: str) -> None:
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(shipped_model: Path, tmp_path: Path) -> None:
+def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(never_done: Path, tmp_path: Path) -> None:
     import signal
     import threading
     import time
@@ -97,7 +113,7 @@ def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(shipped_mod
     port = _free_port()
     env = {**__import__("os").environ, "FPN_SERVE_DRAIN_S": "1.5", "FPN_SERVE_MAX_ITER_CAP": "20000"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fpn_serve.cli", str(shipped_model), "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "fpn_serve.cli", str(never_done), "--port", str(port), "--log-level", "warning"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -110,13 +126,11 @@ def test_shutdown_drains_readiness_first_and_finishes_in_flight_work(shipped_mod
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        noise = np.random.default_rng(1).standard_normal((2, 1, 28, 28)).tolist()
+        inputs = np.ones((2, 1, 2, 2)).tolist()
         answers: list[httpx.Response] = []
         slow = threading.Thread(
             target=lambda: answers.append(
-                client.post(
-                    "/classify", params={"tol": 1e-9, "max_iter": 20000, "solver": "anderson"}, json={"inputs": noise}
-                )
+                client.post("/classify", params={"tol": 1e-9, "max_iter": 20000}, json={"inputs": inputs})
             )
         )
         slow.start()
@@ -158,3 +172,23 @@ def test_a_bad_environment_variable_is_one_clear_line() -> None:
     proc = subprocess.run([sys.executable, "-m", "fpn_serve.cli"], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 2 and "FPN_SERVE_PORT: Input should be a valid integer" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_values_json_cannot_hold_are_sent_as_null(never_done: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A model without a contraction certificate (gamma >= 1) has an infinite error bound: JSON null,
+    not a failed response."""
+    with running_server(never_done, tmp_path_factory.mktemp("uncertified")) as client:
+        r = client.post(
+            "/classify", params={"tol": 1e-2, "max_iter": 200}, json={"inputs": np.ones((1, 1, 2, 2)).tolist()}
+        )
+        assert r.status_code == 200, r.text
+        prediction = r.json()["predictions"][0]
+        assert prediction["error_bound"] is None and prediction["iterations"] == 100 and prediction["converged"]
+        doc = {
+            "parameters": {"tol": 1e-2, "max_iter": 200},
+            "inputs": [{"name": "x", "shape": [1, 1, 2, 2], "datatype": "FP32", "data": [1.0] * 4}],
+            "outputs": [{"name": "error_bound"}, {"name": "iterations"}],
+        }
+        r = client.post("/v2/models/never/infer", json=doc)
+        assert r.status_code == 200, r.text
+        assert [o["data"] for o in r.json()["outputs"]] == [[None], [100]]
