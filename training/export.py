@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .data import DataError, DatasetSpec, TensorSplit, dataset_spec, load_split
 from .fpn import FPN
-from .loop_graph import build_loop_model, build_single_loop_model, build_step_model
+from .loop_graph import build_loop_model, build_single_loop_model, build_step_model, crop_unread_input
 from .precision import PRECISIONS
 from .precision import convert as convert_precision
 
@@ -83,7 +83,7 @@ class _TGraph(nn.Module):
 
     def forward(self, u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         weights = tuple(getattr(self, f"w{i}") for i in range(self.count))
-        return self.t.apply_with(weights, u, z)
+        return self.t.apply_for_export(weights, u, z)
 
 
 class _SGraph(nn.Module):
@@ -153,6 +153,7 @@ def write_graphs(
     x = torch.zeros(2, *input_shape)
     u = torch.zeros(2, latent)
     _export_graph(_QGraph(model), (x,), ["x"], "z", folder / "Q.onnx", opset)
+    onnx.save(crop_unread_input(onnx.load(str(folder / "Q.onnx"))), str(folder / "Q.onnx"))
     _export_graph(_TGraph(model), (u, u.clone()), ["u", "z"], "u_next", folder / "T.onnx", opset)
     _export_graph(_SGraph(model), (u,), ["u"], "logits", folder / "S.onnx", opset)
     convert_precision(folder, precision)

@@ -6,7 +6,8 @@
 
 Inputs ``x`` [batch, *input_shape], ``tol`` (float scalar) and ``max_iter`` (int64 scalar);
 outputs ``logits``, ``iterations`` (int64 [batch]), ``residual`` and ``step_norm`` (float [batch]).
-The loop body is the exported T graph itself, followed by the per-sample residual; a sample whose
+The loop body is the exported T graph itself (less its nodes that depend on z alone, which run
+once before the loop), followed by the per-sample residual; a sample whose
 residual is <= tol is frozen (its iterate, residual and iteration count stop changing) and the
 loop ends when every sample is frozen or after max_iter iterations. That is exactly the
 per-sample contract of the three-graph loop, in one ONNX Runtime call for runtimes (and batch
@@ -55,6 +56,34 @@ def _prefixed(
         t.name = rename(init.name)
         inits.append(t)
     return nodes, inits
+
+
+_FLOAT_OPS = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Relu", "LeakyRelu", "Tanh", "Sigmoid"}
+_FLOAT_OPS |= {"Transpose", "Reshape", "Identity", "Constant"}
+
+
+def _hoistable(t: onnx.ModelProto) -> bool:
+    """Whether T is plain float32 arithmetic, where a term computed once before the loop is the same
+    to the bit as the same term inside step.onnx. Not in fp16 or int8 graphs: there ONNX Runtime
+    casts to float32 and back, and the casts it can drop inside one graph remain at a loop boundary."""
+    fp32 = all(i.type.tensor_type.elem_type == TensorProto.FLOAT for i in t.graph.input)
+    return fp32 and all(node.op_type in _FLOAT_OPS for node in t.graph.node)
+
+
+def _split_invariant(
+    nodes: list[onnx.NodeProto], varying: set[str]
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """Split T's nodes (in order) into those that depend on no loop-varying value, computed once before
+    the loop, and the rest, the loop body. With T = ReLU(u W' + z W), z W is computed once."""
+    varying = set(varying)
+    hoisted, body = [], []
+    for node in nodes:
+        if any(name in varying for name in node.input):
+            body.append(node)
+            varying.update(node.output)
+        else:
+            hoisted.append(node)
+    return hoisted, body
 
 
 def _residual_nodes(u_next: str, u: str, prefix: str, residual: str, step: str) -> list[onnx.NodeProto]:
@@ -111,6 +140,7 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto)
     q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
     t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
     s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
+    t_once, t_nodes = _split_invariant(t_nodes, {"b_u"}) if _hoistable(t) else ([], t_nodes)
 
     def vi(name: str, dtype: int, shape: list[int | str]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, shape)
@@ -152,6 +182,7 @@ def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto)
     )
     outer_nodes = [
         *q_nodes,
+        *t_once,
         helper.make_node("Shape", ["z"], ["loop/zshape"], name="loop/zshape"),
         helper.make_node("Gather", ["loop/zshape", "loop/zero"], ["loop/batch"], axis=0, name="loop/batch"),
         helper.make_node(
@@ -240,6 +271,7 @@ def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.Mode
     q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
     t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
     s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
+    t_once, t_nodes = _split_invariant(t_nodes, {"b_u"}) if _hoistable(t) else ([], t_nodes)
 
     def vi(name: str, dtype: int, shape: list[int]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, shape)
@@ -257,6 +289,7 @@ def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.Mode
     )
     outer_nodes = [
         *q_nodes,
+        *t_once,
         helper.make_node(
             "Loop",
             ["max_iter", "loop/true", "loop/u0"],
@@ -294,3 +327,102 @@ def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.Mode
     model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+_ELEMENTWISE = {"Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "Softplus", "Gelu", "Identity"}
+
+
+def _ints(node: onnx.NodeProto, name: str, default: list[int]) -> list[int]:
+    for attr in node.attribute:
+        if attr.name == name:
+            return list(attr.ints)
+    return default
+
+
+def _int(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return default
+
+
+def _string(node: onnx.NodeProto, name: str, default: str) -> str:
+    for attr in node.attribute:
+        if attr.name == name:
+            return attr.s.decode()
+    return default
+
+
+def crop_unread_input(q: onnx.ModelProto) -> onnx.ModelProto:
+    """Q with its input cropped to the rows and columns that reach its output.
+
+    A floor-mode pooling whose windows do not tile its input never reads the last rows or columns;
+    through the unpadded stride-1 convolutions and elementwise activations before it, neither are
+    some of the input's (MNIST's 28 x 28 through two 3 x 3 convolutions and 2 x 2 poolings reads
+    26 x 26). One Slice on the input then spares every layer that work. Each remaining output is
+    computed from the same numbers in the same order, so the answers are the same to the bit.
+    Graphs of any other form come back unchanged.
+    """
+    graph = q.graph
+    if len(graph.input) != 1:
+        return q
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not all(d.HasField("dim_value") for d in dims[2:]):
+        return q
+    height, width = dims[2].dim_value, dims[3].dim_value
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    chain: list[tuple[int, int, int, int]] = []  # per spatial layer: kernel h, kernel w, stride h, stride w
+    current, h, w = graph.input[0].name, height, width
+    while len(users.get(current, [])) == 1 and current not in {o.name for o in graph.output}:
+        node = users[current][0]
+        if node.input[0] != current:
+            break
+        auto_pad = _string(node, "auto_pad", "NOTSET")
+        if node.op_type == "Conv":
+            if node.input[1] not in inits or auto_pad not in ("NOTSET", "VALID"):
+                break
+            kh, kw = list(inits[node.input[1]].dims[2:4])
+            if _ints(node, "strides", [1, 1]) != [1, 1] or any(_ints(node, "pads", [0] * 4)):
+                break
+            if _ints(node, "dilations", [1, 1]) != [1, 1]:
+                break
+            chain.append((kh, kw, 1, 1))
+            h, w = h - kh + 1, w - kw + 1
+        elif node.op_type == "MaxPool" and len(node.output) == 1:
+            kh, kw = _ints(node, "kernel_shape", [])
+            sh, sw = _ints(node, "strides", [1, 1])
+            if auto_pad not in ("NOTSET", "VALID") or any(_ints(node, "pads", [0] * 4)):
+                break
+            if _int(node, "ceil_mode", 0) != 0 or _ints(node, "dilations", [1, 1]) != [1, 1]:
+                break
+            chain.append((kh, kw, sh, sw))
+            h, w = (h - kh) // sh + 1, (w - kw) // sw + 1
+        elif node.op_type not in _ELEMENTWISE:
+            break
+        current = node.output[0]
+    need_h, need_w = h, w  # every row and column of the last tensor of the chain is read
+    for kh, kw, sh, sw in reversed(chain):
+        need_h, need_w = (need_h - 1) * sh + kh, (need_w - 1) * sw + kw
+    if (need_h, need_w) == (height, width) or not chain:
+        return q
+    cropped = onnx.ModelProto()
+    cropped.CopyFrom(q)
+    g = cropped.graph
+    x = g.input[0].name
+    g.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([0, 0], np.int64), "crop/starts"),
+            numpy_helper.from_array(np.array([need_h, need_w], np.int64), "crop/ends"),
+            numpy_helper.from_array(np.array([2, 3], np.int64), "crop/axes"),
+        ]
+    )
+    for node in g.node:
+        node.input[:] = ["crop/x" if name == x else name for name in node.input]
+    g.node.insert(0, helper.make_node("Slice", [x, "crop/starts", "crop/ends", "crop/axes"], ["crop/x"], name="crop"))
+    del g.value_info[:]  # the intermediate shapes changed; ONNX Runtime infers them again
+    onnx.checker.check_model(cropped, full_check=True)
+    return cropped

@@ -18,7 +18,7 @@ import torch
 from fpn_serve import Engine, load_manifest
 from training import export as export_mod
 from training.certify import measure_contraction
-from training.loop_graph import build_single_loop_model
+from training.loop_graph import build_single_loop_model, crop_unread_input
 from training.train import cli as train_cli
 
 pytestmark = pytest.mark.slow
@@ -232,8 +232,8 @@ def test_verify_passes_a_sound_folder_and_names_what_is_wrong(
     drifted = tmp_path / "drifted"
     shutil.copytree(folders["fp32"], drifted)
     t = onnx.load(str(drifted / "T.onnx"))
-    (w,) = [i for i in t.graph.initializer if len(i.dims) == 2]
-    w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * np.float32(1.01), w.name))
+    for w in [i for i in t.graph.initializer if len(i.dims) == 2]:  # W, and gamma W where it is folded apart
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * np.float32(1.01), w.name))
     q, s = onnx.load(str(drifted / "Q.onnx")), onnx.load(str(drifted / "S.onnx"))
     onnx.save(build_single_loop_model(q, t, s), str(drifted / "FPN1.onnx"))
     export_mod._finish_graph(drifted / "FPN1.onnx", "fp32", "fpn1", 18)
@@ -264,3 +264,54 @@ def test_bad_checkpoints_and_opsets_get_one_clear_line(checkpoint: Path, tmp_pat
         proc = run(*args)
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
+
+
+def test_q_reads_only_the_input_rows_and_columns_that_reach_z(folders: dict[str, Path]) -> None:
+    import onnxruntime as ort
+
+    q = onnx.load(str(folders["fp32"] / "Q.onnx"))
+    crop = q.graph.node[0]
+    assert crop.op_type == "Slice" and crop.input[0] == "x"
+    ends = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in q.graph.initializer}[crop.input[2]]
+    assert ends == [26, 26]  # 28 -> 3x3 conv -> 26 -> 2x2 pool -> 13 -> 3x3 conv -> 11 -> 2x2 pool reads 10
+    # the same graph reading the whole input gives the same z to the bit
+    whole = onnx.ModelProto()
+    whole.CopyFrom(q)
+    del whole.graph.node[0]
+    kept = [i for i in whole.graph.initializer if i.name not in crop.input]
+    del whole.graph.initializer[:]
+    whole.graph.initializer.extend(kept)
+    for node in whole.graph.node:
+        node.input[:] = ["x" if name == crop.output[0] else name for name in node.input]
+    x = np.random.default_rng(0).standard_normal((17, 1, 28, 28)).astype(np.float32)
+    run = {
+        name: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        for name, m in [("crop", q), ("whole", whole)]
+    }
+    np.testing.assert_array_equal(run["crop"].run(None, {"x": x})[0], run["whole"].run(None, {"x": x})[0])
+    assert crop_unread_input(whole).graph.node[0].op_type == "Slice"  # the pass finds it again
+    # where every row is read (padding, or pools that tile), the graph stays as it is
+    padded = onnx.ModelProto()
+    padded.CopyFrom(whole)
+    for attr in padded.graph.node[0].attribute:
+        if attr.name == "pads":
+            attr.ints[:] = [1, 1, 1, 1]
+    assert crop_unread_input(padded) is padded
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])  # int8 quantizes Q only: T stays float32
+def test_the_loops_compute_the_injection_once(folders: dict[str, Path], precision: str) -> None:
+    for graph in ("FPN.onnx", "FPN1.onnx"):
+        model = onnx.load(str(folders[precision] / graph))
+        (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+        outer = [n for n in model.graph.node if n.op_type == "MatMul" and "z" in n.input]
+        assert len(outer) == 1, graph  # z W, before the loop
+        assert not any("z" in n.input for n in loop.attribute[0].g.node), graph  # the body never reads z
+
+
+def test_fp16_loops_keep_t_whole(folders: dict[str, Path]) -> None:
+    # ONNX Runtime runs fp16 on the CPU through casts, which it can drop inside step.onnx but not at
+    # a loop boundary: a term moved out of the loop would round differently from the step graph
+    model = onnx.load(str(folders["fp16"] / "FPN1.onnx"))
+    (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+    assert any("z" in n.input for n in loop.attribute[0].g.node)
