@@ -431,6 +431,7 @@ class Scheduler:
             return
         outcomes: list[tuple[_Request, Outcome]] = []
         start = 0
+        probabilities = result.probabilities  # one softmax for all of them
         for req, n in finished:
             sl = slice(start, start + n)
             start += n
@@ -439,13 +440,13 @@ class Scheduler:
                     req,
                     ClassifyResult(
                         labels=result.labels[sl],
-                        probabilities=result.probabilities[sl],
                         logits=result.logits[sl],
                         iterations=result.iterations[sl],
                         residuals=result.residuals[sl],
                         converged=result.converged[sl],
                         error_bounds=result.error_bounds[sl],
                         names=result.names,
+                        _probabilities=probabilities[sl],
                     ),
                 )
             )

@@ -168,3 +168,15 @@ def test_an_fpn1_graph_with_the_wrong_signature_is_refused(shipped_model: Path, 
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ModelError, match=r"graph fpn1 has inputs \['u', 'z'\]"):
         Engine.load(folder, device="cpu")
+
+
+def test_probabilities_are_computed_when_first_read(engine: Engine, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x = digits[0][:5]
+    result = engine.classify(x, tol=1e-3)
+    assert result._probabilities is None  # labels and logits alone cost no softmax
+    probabilities = result.probabilities
+    assert probabilities is result.probabilities and probabilities.dtype == np.float32
+    expected = np.exp(result.logits.astype(np.float64) - result.logits.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(probabilities, expected / expected.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-9)
+    for i in range(len(x)):  # one input alone (FPN1.onnx) gives the very numbers of the batch (FPN.onnx)
+        np.testing.assert_array_equal(engine.classify(x[i : i + 1], tol=1e-3).probabilities, probabilities[i : i + 1])
