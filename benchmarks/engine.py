@@ -76,7 +76,9 @@ def torch_model_from_onnx(model_dir: Path) -> Any:
     model = FPN(ModelConfig(gamma=gamma)).eval()
     q = {k.removeprefix("q."): v for k, v in weights("Q.onnx").items() if k.startswith("q.")}
     model.Q.load_state_dict(q)
-    (w_t,) = [v for v in weights("T.onnx").values() if v.shape == (46, 46)]  # W^T, folded by the exporter
+    t_graph = onnx.load(str(model_dir / "T.onnx")).graph
+    (w_name,) = [n.input[1] for n in t_graph.node if n.op_type == "MatMul" and n.input[0] == "z"]
+    w_t = weights("T.onnx")[w_name]  # W^T, folded by the exporter (the other matrix is gamma W^T)
     model.T.linear.raw.data.copy_(w_t.T)  # ||W|| <= 1: the normalisation is a no-op
     model.S.load_state_dict({"weight": weights("S.onnx")["s.weight"]})
     return model

@@ -54,7 +54,7 @@ from .solvers import SolveOutput
 log = logging.getLogger("fpn_serve")
 
 ENCODE_ROWS = 8  # rows per Q run: Q costs about the same per row from batch 4 up; short runs let urgent requests in
-SLACK = 100.0  # virtual deadline = arrival + SLACK * expected service
+SLACK = 30.0  # virtual deadline = arrival + SLACK * expected service
 SOLO_MAX_ITER = 100  # a request that finds the scheduler idle runs on its own if it is short
 
 

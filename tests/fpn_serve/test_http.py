@@ -222,3 +222,23 @@ def test_top_k_answers_the_most_probable_classes(server: httpx.Client, repo: Pat
     for k in (0, 11):
         r = server.post("/classify", params={"top_k": k}, content=png, headers={"content-type": "image/png"})
         assert r.status_code == 422 and "top_k" in r.json()["detail"]
+
+
+def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(shipped_model: Path, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    from ..conftest import running_server  # type: ignore[import-not-found]
+
+    with running_server(shipped_model, tmp_path) as client:
+        port = client.base_url.port
+        assert port is not None
+        for path in ("/v2/models/mnist/infer", "/classify"):
+            head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head.encode() + b'{"inputs": [')  # then hang up with most of the body unsent
+                time.sleep(0.2)
+        time.sleep(0.3)
+        assert client.get("/healthz").status_code == 200
+    log = (tmp_path / "server.log").read_text()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log
