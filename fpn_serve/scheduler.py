@@ -92,7 +92,12 @@ class _Request:
 
 
 class Scheduler:
-    """Shares one active batch between concurrent ``classify`` calls on one engine."""
+    """Shares one active batch between concurrent ``classify`` calls on one engine.
+
+    ``encode_rows``: inputs per batched Q run. ``slack``: the virtual-deadline factor (0: first
+    come, first served; larger: loose tolerances first, tight ones later). ``encoders``: threads
+    computing Q (one keeps a 2-core machine's other core for the stepper and the event loop).
+    """
 
     def __init__(
         self,
@@ -104,8 +109,8 @@ class Scheduler:
         slack: float = SLACK,
         encoders: int = 1,
     ) -> None:
-        if max_active < 1 or max_queue < 1 or encode_rows < 1:
-            raise ValueError("max_active, max_queue and encode_rows must be >= 1")
+        if max_active < 1 or max_queue < 1 or encode_rows < 1 or encoders < 1:
+            raise ValueError("max_active, max_queue, encode_rows and encoders must be >= 1")
         if not slack >= 0:
             raise ValueError("slack must be >= 0")
         self.engine = engine
