@@ -18,9 +18,9 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import onnxruntime as ort
@@ -37,12 +37,35 @@ MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow
 DEVICES = ("auto", "cpu", "cuda")
 
 
+class _Softmax:
+    """``ClassifyResult.probabilities``: as given, or else the softmax of the result's logits,
+    computed when first read (a caller that needs only labels or logits does not pay for it)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_" + name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> None: ...
+    @overload
+    def __get__(self, obj: ClassifyResult, objtype: type | None = None) -> np.ndarray: ...
+    def __get__(self, obj: ClassifyResult | None, objtype: type | None = None) -> np.ndarray | None:
+        if obj is None:
+            return None  # the dataclass default: compute on demand
+        value: np.ndarray | None = obj.__dict__.get(self._slot)
+        if value is None:
+            value = obj.__dict__[self._slot] = softmax(obj.logits)  # a cache: the result stays as it was
+        return value
+
+    def __set__(self, obj: ClassifyResult, value: np.ndarray | None) -> None:
+        obj.__dict__[self._slot] = value
+
+
 @dataclass(frozen=True)
 class ClassifyResult:
     """Per-input results of one ``classify`` call, in input order (arrays of length batch).
 
-    ``probabilities`` (float32 [B, classes], the softmax of the logits) is computed when first
-    read, so a caller that needs only labels or logits does not pay for it.
+    ``probabilities`` (float32 [B, classes], the softmax of the logits) may be passed in; if not,
+    it is computed from ``logits`` when first read.
     """
 
     labels: np.ndarray  # int64 [B], index into ``names``
@@ -52,15 +75,7 @@ class ClassifyResult:
     converged: np.ndarray  # bool [B], residual <= tol
     error_bounds: np.ndarray  # float32 [B], certified bound on ||u - u*|| from gamma and the last step
     names: tuple[str, ...]  # label names of the model, by class index
-    _probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        probabilities = self._probabilities
-        if probabilities is None:
-            probabilities = softmax(self.logits)
-            object.__setattr__(self, "_probabilities", probabilities)  # a cache: the result stays as it was
-        return probabilities
+    probabilities: _Softmax = _Softmax()  # float32 [B, classes]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -215,6 +230,11 @@ class Engine:
     @property
     def name(self) -> str:
         return self.manifest.name
+
+    @property
+    def single_graph(self) -> bool:
+        """Whether one input runs as one ONNX Runtime call (FPN1.onnx, on the CPU)."""
+        return self._single is not None
 
     # ---------------------------------------------------------------------------------------
     def validate_inputs(self, x: Any) -> np.ndarray:

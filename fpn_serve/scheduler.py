@@ -140,9 +140,24 @@ class Scheduler:
         self._max_iter = np.zeros(max_active, np.int32)
         self._deadline = np.zeros(max_active, np.float64)
         self._iters = np.zeros(max_active, np.int32)
-        self.stats = {"iterations": 0, "admitted": 0, "answered": 0, "solo": 0, "max_active_seen": 0}
+        # written by the stepper thread alone; lone requests count under the lock (see ``stats``)
+        self._counts = {"iterations": 0, "admitted": 0, "answered": 0, "max_active_seen": 0}
+        self._solo_count = 0
+        self._solo_rows = 0  # lone requests running in their callers' threads
+        self._inline = engine.single_graph  # a lone input has a one-call path (FPN1.onnx on the CPU)
 
     # -- public ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts so far: iterations of the shared batch, requests admitted and answered (lone ones
+        included), lone requests (``solo``) and the largest active batch."""
+        counts = dict(self._counts)
+        solo = self._solo_count
+        counts["admitted"] += solo
+        counts["answered"] += solo
+        counts["solo"] = solo
+        return counts
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -185,7 +200,7 @@ class Scheduler:
         Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
         """
         future: Future[ClassifyResult] = Future()
-        self._enqueue(x, tol, max_iter, deadline_ms, future, None)
+        self._enqueue(x, tol, max_iter, deadline_ms, future, None, inline=False)
         return future
 
     def submit_async(
@@ -195,7 +210,7 @@ class Scheduler:
         that loop, and the answers that finish in one iteration reach the loop in one wake-up."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ClassifyResult] = loop.create_future()
-        self._enqueue(x, tol, max_iter, deadline_ms, future, loop)
+        self._enqueue(x, tol, max_iter, deadline_ms, future, loop, inline=not self._loop_owed)
         return future
 
     def _enqueue(
@@ -206,6 +221,8 @@ class Scheduler:
         deadline_ms: float | None,
         future: Future[ClassifyResult] | asyncio.Future[ClassifyResult],
         loop: asyncio.AbstractEventLoop | None,
+        *,
+        inline: bool,
     ) -> None:
         submitted = time.perf_counter()
         x = self.engine.validate_inputs(x)
@@ -231,16 +248,17 @@ class Scheduler:
             # only after the loop has turned once (read its sockets, resumed its other callers), so
             # a burst of callers still meets in the shared batch.
             solo = (
-                self._occupied == 0
+                inline
+                and self._inline
+                and self._occupied == 0
                 and not self._waiting
                 and x.shape[0] == 1
                 and max_iter <= SOLO_MAX_ITER
                 and math.isinf(deadline)
-                and not (loop is not None and self._loop_owed)
                 and _still_wanted(request)
             )
             if solo:
-                self._occupied = 1
+                self._occupied = self._solo_rows = 1
             else:
                 heapq.heappush(self._waiting, (key, next(self._seq), request))
                 self._to_encode.notify()
@@ -250,7 +268,10 @@ class Scheduler:
     def classify(
         self, x: Any, tol: float | None = None, max_iter: int | None = None, *, deadline_ms: float | None = None
     ) -> ClassifyResult:
-        return self.submit(x, tol, max_iter, deadline_ms=deadline_ms).result()
+        """``submit`` and wait. A lone input that finds the scheduler idle runs in this thread."""
+        future: Future[ClassifyResult] = Future()
+        self._enqueue(x, tol, max_iter, deadline_ms, future, None, inline=True)
+        return future.result()
 
     # -- the encoder: Q of newcomers, a few rows at a time -----------------------------------
     def _encode_loop(self) -> None:
@@ -286,17 +307,18 @@ class Scheduler:
         ``engine.classify`` call (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX
         Runtime run): the same answer to the bit as the shared batch gives, without two thread
         hand-offs and the per-iteration bookkeeping."""
+        outcome: Outcome
         try:
-            outcome: Outcome = self.engine.classify(req.x, req.tol, req.max_iter)
+            outcome = self.engine.classify(req.x, req.tol, req.max_iter)
         except Exception as exc:
             outcome = exc
-        with self._lock:
-            self._occupied -= 1
-            if self._waiting:
-                self._to_encode.notify()
-            self.stats["admitted"] += 1
-            self.stats["solo"] += 1
-            self.stats["answered"] += 1
+        finally:
+            with self._lock:
+                self._occupied -= 1
+                self._solo_rows = 0
+                self._solo_count += 1
+                if self._waiting:
+                    self._to_encode.notify()
         if req.loop is not None:
             self._loop_owed = True
             req.loop.call_soon(self._loop_turned)
@@ -367,16 +389,16 @@ class Scheduler:
             self._deadline[sl] = req.deadline
             self._iters[sl] = 0
             start += n
-        self.stats["admitted"] += len(requests)
+        self._counts["admitted"] += len(requests)
 
     def _iterate(self) -> None:
         n = self._runner.n
-        self.stats["max_active_seen"] = max(self.stats["max_active_seen"], n)
+        self._counts["max_active_seen"] = max(self._counts["max_active_seen"], n)
         began = time.perf_counter()
         r, st = self._runner.step()
         now = time.perf_counter()
         self._iteration_s += 0.05 * (now - began - self._iteration_s)
-        self.stats["iterations"] += 1
+        self._counts["iterations"] += 1
         iters = self._iters[:n]
         iters += 1
         done = (r <= self._tol[:n]) | (iters >= self._max_iter[:n]) | (self._deadline[:n] <= now)
@@ -432,7 +454,7 @@ class Scheduler:
             return
         if len(reqs) == 1:
             _settle([(reqs[0], result)])
-            self.stats["answered"] += 1
+            self._counts["answered"] += 1
             return
         outcomes: list[tuple[_Request, Outcome]] = []
         start = 0
@@ -451,12 +473,12 @@ class Scheduler:
                         converged=result.converged[sl],
                         error_bounds=result.error_bounds[sl],
                         names=result.names,
-                        _probabilities=probabilities[sl],
+                        probabilities=probabilities[sl],
                     ),
                 )
             )
         _settle(outcomes)
-        self.stats["answered"] += len(finished)
+        self._counts["answered"] += len(finished)
 
     def _fail_all(self, exc: Exception, admitted: list[_Request]) -> None:
         """An iteration failed: every request in the active batch, joining it or encoded for it gets
@@ -464,21 +486,21 @@ class Scheduler:
         with self._lock:
             ready = [req for batch, _ in self._ready for req in batch]
             self._ready = []
+            # what still holds rows: batches being encoded and a lone request in its caller's thread
+            self._occupied = self._encoding_rows + self._solo_rows
+            self._to_encode.notify()
         victims = {id(r): r for r in [*self._owner, *admitted, *ready]}.values()
         _settle([(req, exc) for req in victims])
         self._owner = []
         if self._runner.n:
             self._runner.keep(np.zeros(self._runner.n, bool))
-        with self._lock:
-            self._occupied = self._encoding_rows
-            self._to_encode.notify()
 
 
 def _still_wanted(req: _Request) -> bool:
     """Mark a concurrent future running (from then on it cannot be cancelled); False if it was cancelled."""
     if isinstance(req.future, Future):
         return req.future.set_running_or_notify_cancel()
-    return not req.future.cancelled()
+    return not req.future.done()  # cancelled, or failed by its caller's timeout
 
 
 def _settle(outcomes: list[tuple[_Request, Outcome]]) -> None:
@@ -520,14 +542,16 @@ def expected_iterations(manifest: Manifest) -> Callable[[float], float]:
     between them and beyond them; without one, from the certified contraction factor gamma:
     log(tol) / log(gamma). At least 1; infinite for tol = 0.
     """
-    rows = sorted(
-        (math.log10(float(t["tol"])), float(t["mean_iterations"]))
-        for t in manifest.calibration.get("tolerances", [])
-        if isinstance(t, dict) and float(t.get("tol", 0)) > 0 and "mean_iterations" in t
-    )
-    if len(rows) >= 2:
-        xs = [r[0] for r in rows]
-        ys = [r[1] for r in rows]
+    by_tol: dict[float, float] = {}  # log10(tol) -> mean iterations; malformed rows are skipped
+    table = manifest.calibration.get("tolerances", [])
+    for row in table if isinstance(table, list) else []:
+        tol: Any = row.get("tol") if isinstance(row, dict) else None
+        mean: Any = row.get("mean_iterations") if isinstance(row, dict) else None
+        if _finite_number(tol) and tol > 0 and _finite_number(mean) and mean >= 0:
+            by_tol[math.log10(tol)] = float(mean)
+    if len(by_tol) >= 2:
+        xs = sorted(by_tol)
+        ys = [by_tol[x] for x in xs]
 
         def from_calibration(tol: float) -> float:
             if tol <= 0:
@@ -548,3 +572,7 @@ def expected_iterations(manifest: Manifest) -> Callable[[float], float]:
         return max(1.0, math.log(tol) / math.log(factor))
 
     return from_contraction
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -302,3 +302,95 @@ def test_async_callers_get_the_same_answers_and_may_give_up(engine: Engine, digi
         assert scheduler.classify(digits[:1], 1e-2).iterations[0] >= 1  # still serving after the closed loop
     finally:
         scheduler.stop()
+
+
+def test_submit_queues_even_when_idle_and_only_one_call_paths_run_alone(
+    engine: Engine, slow_engine: Engine, digits: np.ndarray
+) -> None:
+    scheduler = Scheduler(engine, max_active=16)
+    scheduler.start()
+    try:
+        futures = [scheduler.submit(digits[i : i + 1], 1e-4) for i in range(8)]  # a fan-out: never run inline
+        for i, f in enumerate(futures):
+            np.testing.assert_array_equal(f.result(30).logits, engine.classify(digits[i : i + 1], 1e-4).logits)
+        assert scheduler.stats["solo"] == 0 and scheduler.stats["admitted"] == 8
+    finally:
+        scheduler.stop()
+    # a folder without FPN1.onnx (and the CUDA engine) has no one-call path: lone inputs join the batch
+    assert not slow_engine.single_graph
+    other = Scheduler(slow_engine, max_active=4)
+    other.start()
+    try:
+        assert other.classify(np.ones((1, 1, 2, 2), np.float32), 1e-1).iterations.tolist() == [10]
+        assert other.stats["solo"] == 0 and other.stats["iterations"] == 10
+    finally:
+        other.stop()
+
+
+def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
+    engine: Engine, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = Scheduler(engine, max_active=4)
+    release, started = threading.Event(), threading.Event()
+    real_classify = engine.classify
+
+    def held(*args: object, **kwargs: object) -> object:
+        started.set()
+        release.wait(30)
+        return real_classify(*args, **kwargs)  # type: ignore[arg-type]
+
+    def broken_t() -> tuple[np.ndarray, np.ndarray]:
+        raise RuntimeError("T failed")
+
+    scheduler.start()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(scheduler.engine, "classify", held)
+            lone = threading.Thread(target=scheduler.classify, args=(digits[:1], 1e-3))
+            lone.start()
+            assert started.wait(30)
+            with monkeypatch.context() as patch_t:
+                patch_t.setattr(scheduler._runner, "step", broken_t)
+                failed = scheduler.submit(digits[1:3], 1e-3)
+                with pytest.raises(RuntimeError, match="T failed"):
+                    failed.result(30)
+            release.set()
+            lone.join(30)
+        deadline = time.monotonic() + 10
+        while scheduler._occupied and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert scheduler._occupied == 0  # neither the lone row nor the failed ones are counted twice
+        futures = [scheduler.submit(digits[i : i + 1], 1e-3) for i in range(4, 12)]  # fill the room exactly
+        assert all(f.result(30).iterations[0] >= 1 for f in futures)
+    finally:
+        scheduler.stop()
+
+
+def test_a_request_its_caller_gave_up_on_is_never_admitted(slow_engine: Engine) -> None:
+    scheduler = Scheduler(slow_engine, max_active=2)
+    scheduler.start()
+    x = np.ones((3, 1, 2, 2), np.float32)
+
+    async def main() -> None:
+        busy = scheduler.submit_async(x[:2], 1e-9, 3000)  # residual 1/k: holds the whole room for 3,000 iterations
+        waiting = scheduler.submit_async(x[2:], 1e-1)
+        waiting.set_exception(TimeoutError())  # what the server's timeout does to a future
+        await busy
+        with pytest.raises(TimeoutError):
+            await waiting
+
+    try:
+        asyncio.run(main())
+        assert scheduler.stats["admitted"] == 1
+    finally:
+        scheduler.stop()
+
+
+def test_a_malformed_calibration_falls_back_instead_of_failing(engine: Engine) -> None:
+    import dataclasses
+
+    rows = [{"tol": 1e-2, "mean_iterations": 5.0}, {"tol": 1e-2, "mean_iterations": 6.0}, {"tol": None}, "x"]
+    odd = dataclasses.replace(engine.manifest, calibration={"tolerances": rows})
+    assert expected_iterations(odd)(1e-3) == pytest.approx(math.log(1e-3) / math.log(odd.contraction.gamma))
+    rows.append({"tol": 1e-4, "mean_iterations": 10.0})
+    assert expected_iterations(odd)(1e-3) == pytest.approx(8.0)  # between the two usable tolerances
