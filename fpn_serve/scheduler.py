@@ -77,18 +77,12 @@ class _Request:
     deadline: float  # absolute perf_counter time, inf for none
     future: Future[ClassifyResult] | asyncio.Future[ClassifyResult]
     loop: asyncio.AbstractEventLoop | None  # the loop of an asyncio future, None for a concurrent one
+    # filled in when the request joins the shared batch (a lone request never needs them)
     u: np.ndarray = field(init=False)
     iterations: np.ndarray = field(init=False)
     residuals: np.ndarray = field(init=False)
     steps: np.ndarray = field(init=False)
     remaining: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        n = self.x.shape[0]
-        self.remaining = n
-        self.iterations = np.zeros(n, np.int32)
-        self.residuals = np.full(n, np.inf, np.float32)
-        self.steps = np.full(n, np.inf, np.float32)
 
 
 class Scheduler:
@@ -381,6 +375,10 @@ class Scheduler:
         for req in requests:
             n = req.x.shape[0]
             req.u = np.zeros((n, *z.shape[1:]), np.float32)
+            req.iterations = np.zeros(n, np.int32)
+            req.residuals = np.full(n, np.inf, np.float32)
+            req.steps = np.full(n, np.inf, np.float32)
+            req.remaining = n
             sl = slice(start, start + n)
             self._owner.extend([req] * n)
             self._row[sl] = np.arange(n)

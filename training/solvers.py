@@ -32,6 +32,24 @@ def residual(u_next: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return diff / (u_next.flatten(1).norm(dim=1) + RESIDUAL_EPS)
 
 
+def _advance(
+    active: torch.Tensor,
+    new: torch.Tensor,
+    r: torch.Tensor,
+    kept: torch.Tensor,
+    res: torch.Tensor,
+    iterations: torch.Tensor,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample stopping, shared by the solvers: the active samples take ``new`` and its residual
+    ``r`` and count one iteration (in place); those with r <= tol stop. Returns (kept, res, active)."""
+    mask = active.view(-1, *([1] * (new.dim() - 1)))
+    kept = torch.where(mask, new, kept)
+    res = torch.where(active, r, res)
+    iterations += active.long()
+    return kept, res, active & (r > tol)
+
+
 @torch.no_grad()
 def fixed_point(f: Map, u0: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, SolverInfo]:
     """Plain fixed-point iteration u <- f(u) with per-sample stopping."""
@@ -42,12 +60,7 @@ def fixed_point(f: Map, u0: torch.Tensor, tol: float, max_iter: int) -> tuple[to
     active = torch.ones(batch, dtype=torch.bool, device=u0.device)
     for _ in range(max_iter):
         u_next = f(u)
-        r = residual(u_next, u)
-        mask = active.view(-1, *([1] * (u.dim() - 1)))
-        u = torch.where(mask, u_next, u)
-        res = torch.where(active, r, res)
-        iterations += active.long()
-        active = active & (r > tol)
+        u, res, active = _advance(active, u_next, residual(u_next, u), u, res, iterations, tol)
         if not bool(active.any()):
             break
     return u, SolverInfo(iterations, res, res <= tol)
@@ -78,12 +91,7 @@ def anderson(
     eye = torch.eye(memory, device=dev, dtype=u0.dtype)
     for k in range(1, max_iter + 1):
         fu = f(u)
-        r = residual(fu, u)
-        mask = active.view(-1, *([1] * (u.dim() - 1)))
-        out = torch.where(mask, fu, out)
-        res = torch.where(active, r, res)
-        iterations += active.long()
-        active = active & (r > tol)
+        out, res, active = _advance(active, fu, residual(fu, u), out, res, iterations, tol)
         if not bool(active.any()):
             break
         slot = (k - 1) % memory

@@ -178,6 +178,10 @@ def test_default_max_iter_respects_a_lower_cap(shipped_model: Path, digits: np.n
     assert result.iterations.max() == 5
 
 
+def _broken_t() -> tuple[np.ndarray, np.ndarray]:
+    raise RuntimeError("T failed")
+
+
 def test_a_failing_stage_answers_its_callers_and_the_scheduler_goes_on(
     engine: Engine, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -185,9 +189,6 @@ def test_a_failing_stage_answers_its_callers_and_the_scheduler_goes_on(
 
     def broken_q(x: np.ndarray) -> np.ndarray:
         raise RuntimeError("Q failed")
-
-    def broken_t() -> tuple[np.ndarray, np.ndarray]:
-        raise RuntimeError("T failed")
 
     scheduler.start()
     try:
@@ -198,7 +199,7 @@ def test_a_failing_stage_answers_its_callers_and_the_scheduler_goes_on(
                 with pytest.raises(RuntimeError, match="Q failed"):
                     f.result(10)
         with monkeypatch.context() as patch:
-            patch.setattr(scheduler._runner, "step", broken_t)
+            patch.setattr(scheduler._runner, "step", _broken_t)
             futures = [scheduler.submit(digits[i : i + 2]) for i in range(0, 6, 2)]
             for f in futures:
                 with pytest.raises(RuntimeError, match="T failed"):
@@ -339,9 +340,6 @@ def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
         release.wait(30)
         return real_classify(*args, **kwargs)  # type: ignore[arg-type]
 
-    def broken_t() -> tuple[np.ndarray, np.ndarray]:
-        raise RuntimeError("T failed")
-
     scheduler.start()
     try:
         with monkeypatch.context() as patch:
@@ -350,7 +348,7 @@ def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
             lone.start()
             assert started.wait(30)
             with monkeypatch.context() as patch_t:
-                patch_t.setattr(scheduler._runner, "step", broken_t)
+                patch_t.setattr(scheduler._runner, "step", _broken_t)
                 failed = scheduler.submit(digits[1:3], 1e-3)
                 with pytest.raises(RuntimeError, match="T failed"):
                     failed.result(30)
