@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fpn_serve import Engine  # noqa: E402
-from fpn_serve.scheduler import Scheduler  # noqa: E402
+from fpn_serve.batching.scheduler import Scheduler  # noqa: E402
 
 TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -251,7 +251,7 @@ def bench_scheduler(model_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str
     server without batching does (for one input on the CPU, one FPN1.onnx call). The scheduler:
     ``submit_async``, as ``/classify`` does. The two take turns, caller count by caller count.
     """
-    from fpn_serve.app import serving_threads
+    from fpn_serve.http.app import serving_threads
 
     engine = Engine.load(model_dir, device="cpu", threads=serving_threads(0))
     per_caller_total = 600 if quick else 4000

@@ -34,7 +34,7 @@ if hasattr(ort, "preload_dlls"):
     ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels, where present
 
 from fpn_serve import Engine  # noqa: E402
-from fpn_serve.scheduler import Scheduler  # noqa: E402
+from fpn_serve.batching.scheduler import Scheduler  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine import median_seconds  # noqa: E402  (benchmarks/engine.py)
@@ -47,7 +47,7 @@ def med(fn: Any, repeats: int, warmup: int = 5) -> float:
 def inputs(n: int, seed: int = 0) -> np.ndarray:
     from PIL import Image
 
-    from fpn_serve.preprocess import image_to_input
+    from fpn_serve.contract.images import image_to_input
 
     rng = np.random.default_rng(seed)
     spec = Engine.load(REPO / "models" / "mnist", device="cpu").manifest.input

@@ -9,9 +9,9 @@ Public API::
 This package never imports torch.
 """
 
-from .engine import ClassifyResult, Engine
+from .runtime.engine import ClassifyResult, Engine
 from .errors import FPNServeError, ImageError, InputError, ModelError
-from .manifest import Manifest, load_manifest
+from .contract.manifest import Manifest, load_manifest
 
 __version__ = "0.1.0"
 

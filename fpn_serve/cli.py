@@ -12,10 +12,10 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from . import __version__
-from .app import ServerConfig, create_app, load_registry
+from .http.app import ServerConfig, create_app, load_registry
 from .errors import FPNServeError
 from .settings import Settings, get_settings
-from .store import default_store
+from .contract.store import default_store
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,7 @@ def _measure(engine: Engine, x: np.ndarray, power_steps: int, pairs: int, seed: 
         return {"measured_factor": float("inf"), "samples": len(z), "method": "the fixed-point iteration diverged"}
 
     def t(u: np.ndarray) -> np.ndarray:
-        return engine._apply_t(u.astype(np.float32), z)
+        return engine.apply_t(u.astype(np.float32), z)
 
     flat = u_star.reshape(len(z), -1)
     scale = np.linalg.norm(flat, axis=1, keepdims=True) + 1e-3

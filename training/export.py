@@ -28,8 +28,7 @@ from onnxruntime import __version__ as ort_version
 from torch import nn
 
 from fpn_serve import ClassifyResult, Engine, ModelError, __version__
-from fpn_serve.manifest import FORMAT, Manifest, load_manifest, sha256_file
-from fpn_serve.solvers import RESIDUAL
+from fpn_serve.contract import FORMAT, RESIDUAL, Manifest, load_manifest, sha256_file
 
 from .calibrate import calibrate, model_card, plot
 from .certify import measure_contraction

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fpn_serve.solvers import RESIDUAL_EPS
+from fpn_serve.contract import RESIDUAL_EPS
 
 
 def _prefixed(
@@ -87,7 +87,7 @@ def _split_invariant(
 
 
 def _residual_nodes(u_next: str, u: str, prefix: str, residual: str, step: str) -> list[onnx.NodeProto]:
-    """Per-sample step ||u_next - u|| and residual step / (||u_next|| + eps) (see fpn_serve.solvers)."""
+    """Per-sample step ||u_next - u|| and residual step / (||u_next|| + eps) (see fpn_serve.runtime.solvers)."""
     return [
         helper.make_node("Sub", [u_next, u], [prefix + "d"], name=prefix + "sub"),
         helper.make_node("ReduceL2", [prefix + "d", "loop/axes"], [step], keepdims=0, name=prefix + "step"),

@@ -2,7 +2,7 @@
 
 Every solver takes ``(f, u0, tol, max_iter)`` and returns ``(u, SolverInfo)``; a converged sample
 stops being updated, so each sample's result is exactly what it would be alone in the batch. The
-residual is the one ``fpn_serve`` uses when serving (see ``fpn_serve.solvers.RESIDUAL``).
+residual is the one ``fpn_serve`` uses when serving (see ``fpn_serve.contract.RESIDUAL``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fpn_serve.solvers import RESIDUAL_EPS
+from fpn_serve.contract import RESIDUAL_EPS
 
 Map = Callable[[torch.Tensor], torch.Tensor]
 
@@ -70,7 +70,7 @@ def fixed_point(f: Map, u0: torch.Tensor, tol: float, max_iter: int) -> tuple[to
 def anderson(
     f: Map, u0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, lam: float = 1e-4
 ) -> tuple[torch.Tensor, SolverInfo]:
-    """Anderson acceleration with per-sample stopping (the algorithm of ``fpn_serve.solvers.anderson``).
+    """Anderson acceleration with per-sample stopping (the algorithm of ``fpn_serve.runtime.solvers.anderson``).
 
     Each iteration applies f once and moves every active sample to the mix of its last ``memory``
     outputs f(u_i) whose residuals f(u_i) - u_i combine to the smallest norm (weights summing to 1,

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from fpn_serve import Engine, InputError
-from fpn_serve.manifest import load_manifest
-from fpn_serve.scheduler import QueueFull, Scheduler, expected_iterations
+from fpn_serve.contract.manifest import load_manifest
+from fpn_serve.batching.scheduler import QueueFull, Scheduler, expected_iterations
 
 from .synthetic import linear_model
 

@@ -6,9 +6,9 @@ import sys
 
 def test_fpn_serve_never_imports_torch() -> None:
     code = (
-        "import sys, fpn_serve, fpn_serve.app, fpn_serve.cli, fpn_serve.engine, fpn_serve.preprocess\n"
+        "import sys, fpn_serve, fpn_serve.http.app, fpn_serve.cli, fpn_serve.runtime.engine, fpn_serve.contract.images\n"
         "from fpn_serve import Engine\n"
-        "Engine.load(fpn_serve.store.default_store() / 'mnist', device='cpu')\n"
+        "Engine.load(fpn_serve.contract.store.default_store() / 'mnist', device='cpu')\n"
         "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
         "assert 'training' not in sys.modules\n"
         "print('clean')\n"

@@ -21,8 +21,8 @@ from PIL import Image
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from fpn_serve import lean
-from fpn_serve.app import LeanClassify, ServerConfig, create_app, load_registry
+from fpn_serve.http import lean
+from fpn_serve.http.app import LeanClassify, ServerConfig, create_app, load_registry
 
 
 class Client:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fpn_serve import Engine, ModelError, load_manifest
-from fpn_serve.store import default_store, discover
+from fpn_serve.contract.store import default_store, discover
 
 
 @pytest.fixture

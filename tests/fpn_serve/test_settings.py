@@ -160,7 +160,7 @@ def test_help_never_prints_the_token() -> None:
 
 
 def test_an_empty_token_means_no_token() -> None:
-    from fpn_serve.app import ServerConfig
+    from fpn_serve.http.app import ServerConfig
     from fpn_serve.settings import Settings
 
     assert ServerConfig.from_settings(Settings(token=""), ()).token is None

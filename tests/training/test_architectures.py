@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fpn_serve.solvers import anderson as numpy_anderson
+from fpn_serve.runtime.solvers import anderson as numpy_anderson
 from training import architectures
 from training.architectures import available, build_parts
 from training.config import ModelConfig

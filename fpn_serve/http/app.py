@@ -36,14 +36,15 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, lean
-from .engine import ClassifyResult, Engine
-from .errors import FPNServeError, InputError
-from .metrics import Metrics
-from .preprocess import DEFAULT_MAX_PIXELS, images_to_batch
-from .scheduler import QueueFull, Scheduler
-from .settings import Settings
-from .store import discover
+from .. import __version__
+from . import lean
+from ..runtime.engine import ClassifyResult, Engine
+from ..errors import FPNServeError, InputError
+from ..batching.metrics import Metrics
+from ..contract.images import DEFAULT_MAX_PIXELS, images_to_batch
+from ..batching.scheduler import QueueFull, Scheduler
+from ..settings import Settings
+from ..contract.store import discover
 
 log = logging.getLogger("fpn_serve")
 

@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from .engine import ClassifyResult, Engine
-from .errors import FPNServeError, InputError
-from .manifest import Manifest
-from .solvers import SolveOutput
+from ..runtime.engine import ClassifyResult, Engine
+from ..errors import FPNServeError, InputError
+from ..contract.manifest import Manifest
+from ..runtime.solvers import SolveOutput
 
 log = logging.getLogger("fpn_serve")
 

@@ -25,9 +25,9 @@ from typing import Any, overload
 import numpy as np
 import onnxruntime as ort
 
-from .errors import InputError, ModelError
-from .loop import StepRunner
-from .manifest import Manifest, load_manifest
+from ..errors import InputError, ModelError
+from .runner import StepRunner
+from ..contract.manifest import Manifest, load_manifest
 from .solvers import SOLVERS, SolveOutput, anderson
 
 log = logging.getLogger("fpn_serve")
@@ -380,7 +380,7 @@ class Engine:
         ``deadline`` is an absolute ``time.perf_counter()`` value or None.
         """
         if solver == "anderson":
-            return anderson(self._apply_t, z, tol, max_iter, deadline=deadline)
+            return anderson(self.apply_t, z, tol, max_iter, deadline=deadline)
         batch = z.shape[0]
         u = np.zeros((batch, *self._latent), dtype=np.float32)
         iterations = np.zeros(batch, dtype=np.int32)
@@ -411,7 +411,8 @@ class Engine:
                 runner.keep(keep)
         return SolveOutput(u, iterations, residuals, steps)
 
-    def _apply_t(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+    def apply_t(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """One application of T to a batch of latents: u_next = T(u, z) (T.onnx, no stopping)."""
         out: np.ndarray = self._t.run(["u_next"], {"u": u, "z": z})[0]
         return out
 

@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from ..errors import ImageError
 from .manifest import InputSpec
 
 ALLOWED_FORMATS = ("PNG", "JPEG")
@@ -119,12 +119,15 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
-def image_to_input(img: Image.Image, spec: InputSpec, *, dark_background: bool = True) -> np.ndarray:
+def image_to_input(img: Image.Image, spec: InputSpec, *, dark_background: bool | None = None) -> np.ndarray:
     """Turn a decoded image into one normalised input of ``spec.shape`` (float32, NCHW).
 
-    With ``dark_background`` (MNIST-like models: light strokes on black), an image whose border
-    is mostly light is inverted, so a dark digit on white paper is read correctly.
+    With ``dark_background`` (default: the manifest's ``spec.dark_background``; MNIST-like models,
+    light strokes on black), an image whose border is mostly light is inverted, so a dark digit on
+    white paper is read correctly. Other models take the pixels as they are.
     """
+    if dark_background is None:
+        dark_background = spec.dark_background
     channels, height, width = spec.shape
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale: keep the top 8 bits
         wide = np.asarray(img, dtype=np.uint32)

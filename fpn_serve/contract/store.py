@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 
 def default_store() -> Path:
     """The shipped model store: inside the installed package, or ``models/`` of a source checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parent.parent
     for candidate in (here / "models", here.parent / "models"):
         if candidate.is_dir() and any(candidate.glob("*/manifest.json")):
             return candidate

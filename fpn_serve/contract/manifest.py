@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from ..errors import ModelError
 
 FORMAT = "fpn-onnx/1"
 ROLES = ("Q", "T", "S")
@@ -46,6 +46,10 @@ class InputSpec:
     scale: float
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    # Light strokes on a dark background (MNIST-like): an image whose border is mostly light is
+    # inverted before normalising, so dark ink on white paper reads the same. False for natural
+    # images (SVHN, CIFAR-10), which are never inverted. The exporter writes it per dataset.
+    dark_background: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,20 +110,7 @@ class Manifest:
                 if not re.fullmatch(r"[0-9a-f]{64}", digest):
                     raise ModelError(f"graphs.{role}.sha256 is not a hex sha256 digest")
                 graphs[role] = GraphRef(file, digest)
-            inp = _obj(data, "input")
-            spec = InputSpec(
-                shape=_dims(inp, "shape"),
-                dtype=_str(inp, "dtype"),
-                layout=_str(inp, "layout"),
-                scale=_positive(inp, "scale"),
-                mean=tuple(_floats(inp, "mean")),
-                std=tuple(_floats(inp, "std")),
-            )
-            if spec.dtype != "float32":
-                raise ModelError(f"input.dtype {spec.dtype!r} is not supported; expected 'float32'")
-            channels = spec.shape[0] if spec.layout == "NCHW" else spec.shape[-1]
-            if len(spec.mean) != channels or len(spec.std) != channels or min(spec.std) <= 0:
-                raise ModelError(f"input.mean and input.std need one value per channel ({channels}), std > 0")
+            spec = _input_spec(_obj(data, "input"))
             labels = data.get("labels")
             if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
                 raise ModelError("labels must be a non-empty list of strings")
@@ -152,6 +143,27 @@ class Manifest:
             )
         except (TypeError, ValueError) as exc:  # a value of the wrong JSON type
             raise ModelError(f"manifest is malformed: {exc}") from exc
+
+
+def _input_spec(inp: dict[str, Any]) -> InputSpec:
+    dark = inp.get("dark_background", False)
+    if not isinstance(dark, bool):
+        raise ModelError(f"input.dark_background must be true or false, got {dark!r}")
+    spec = InputSpec(
+        shape=_dims(inp, "shape"),
+        dtype=_str(inp, "dtype"),
+        layout=_str(inp, "layout"),
+        scale=_positive(inp, "scale"),
+        mean=tuple(_floats(inp, "mean")),
+        std=tuple(_floats(inp, "std")),
+        dark_background=dark,
+    )
+    if spec.dtype != "float32":
+        raise ModelError(f"input.dtype {spec.dtype!r} is not supported; expected 'float32'")
+    channels = spec.shape[0] if spec.layout == "NCHW" else spec.shape[-1]
+    if len(spec.mean) != channels or len(spec.std) != channels or min(spec.std) <= 0:
+        raise ModelError(f"input.mean and input.std need one value per channel ({channels}), std > 0")
+    return spec
 
 
 def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:

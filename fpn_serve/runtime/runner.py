@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .solvers import RESIDUAL_EPS
+from ..contract.residual import RESIDUAL_EPS
 
 
 class StepRunner:

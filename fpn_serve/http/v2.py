@@ -23,11 +23,11 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from . import __version__
+from .. import __version__
 from .app import ModelRegistry, Registry, ServerConfig, json_floats, read_body, run_model
-from .engine import ClassifyResult, Engine
-from .errors import InputError
-from .scheduler import QueueFull
+from ..runtime.engine import ClassifyResult, Engine
+from ..errors import InputError
+from ..batching.scheduler import QueueFull
 
 OUTPUTS = ("logits", "probabilities", "label", "iterations", "residual", "converged", "error_bound")
 PARAMETERS = ("tol", "max_iter", "deadline_ms", "solver")
