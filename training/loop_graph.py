@@ -18,6 +18,9 @@ FPN1.onnx's body is T, the residual and one comparison (no Where, ReduceMax or c
 carried but the iterate); the iteration count and the last residual come from the loop's scan
 outputs. Its batch axis is fixed at 1. Every node of Q, T, S and the residual is the same as in
 the three-graph loop, so its answers are the same to the bit.
+
+Each composition names its own nodes and inputs; copying Q, T and S under prefixes, the shared
+constants and assembling the checked model are ``training.graph_builder.GraphBuilder``'s.
 """
 
 from __future__ import annotations
@@ -26,37 +29,20 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from fpn_serve.contract import RESIDUAL_EPS
+from .graph_builder import (
+    AXES,
+    EPS,
+    TRUE,
+    ZERO,
+    GraphBuilder,
+    batch_one,
+    latent_dims,
+    residual_nodes,
+    typed,
+    value,
+)
 
-
-def _prefixed(
-    graph: onnx.GraphProto, prefix: str, keep: dict[str, str]
-) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The graph's nodes and initializers with every name prefixed, except those in ``keep`` (renamed)."""
-
-    def rename(name: str) -> str:
-        if not name:
-            return name
-        return keep.get(name, prefix + name)
-
-    nodes = []
-    for i, node in enumerate(graph.node):
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        new.name = f"{prefix}{i}/{node.name or node.op_type}"  # unique even where names were empty
-        del new.input[:]
-        new.input.extend(rename(i) for i in node.input)
-        del new.output[:]
-        new.output.extend(rename(o) for o in node.output)
-        nodes.append(new)
-    inits = []
-    for init in graph.initializer:
-        t = onnx.TensorProto()
-        t.CopyFrom(init)
-        t.name = rename(init.name)
-        inits.append(t)
-    return nodes, inits
-
+F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
 
 _FLOAT_OPS = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Relu", "LeakyRelu", "Tanh", "Sigmoid"}
 _FLOAT_OPS |= {"Transpose", "Reshape", "Identity", "Constant"}
@@ -86,176 +72,111 @@ def _split_invariant(
     return hoisted, body
 
 
-def _residual_nodes(u_next: str, u: str, prefix: str, residual: str, step: str) -> list[onnx.NodeProto]:
-    """Per-sample step ||u_next - u|| and residual step / (||u_next|| + eps) (see fpn_serve.runtime.solvers)."""
-    return [
-        helper.make_node("Sub", [u_next, u], [prefix + "d"], name=prefix + "sub"),
-        helper.make_node("ReduceL2", [prefix + "d", "loop/axes"], [step], keepdims=0, name=prefix + "step"),
-        helper.make_node("ReduceL2", [u_next, "loop/axes"], [prefix + "norm"], keepdims=0, name=prefix + "norm"),
-        helper.make_node("Add", [prefix + "norm", "loop/eps"], [prefix + "den"], name=prefix + "den"),
-        helper.make_node("Div", [step, prefix + "den"], [residual], name=prefix + "res"),
-    ]
+class _Fused:
+    """Q, T and S copied into one builder for a fused loop: Q's nodes (x -> z), T's z-only nodes
+    (run once before the loop, float32 T only), T's loop body (b_u -> b_un), S's nodes (u_final -> logits)."""
 
+    def __init__(self, q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> None:
+        if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
+            raise ValueError("the graphs must not contain control flow of their own")
+        self.builder = GraphBuilder(q, t, s)
+        self.latent = latent_dims(t)
+        self.x_type, self.logits_type = q.graph.input[0].type, s.graph.output[0].type
+        self.q_nodes = self.builder.copy(q, "q/", {"x": "x", "z": "z"})
+        t_nodes = self.builder.copy(t, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
+        self.s_nodes = self.builder.copy(s, "s/", {"u": "u_final", "logits": "logits"})
+        self.t_once, self.t_body = _split_invariant(t_nodes, {"b_u"}) if _hoistable(t) else ([], t_nodes)
 
-def _constants(latent_rank: int) -> list[onnx.TensorProto]:
-    return [
-        numpy_helper.from_array(np.arange(1, 1 + latent_rank, dtype=np.int64), "loop/axes"),
-        numpy_helper.from_array(np.array([0], np.int64), "loop/zero"),
-        numpy_helper.from_array(np.array(RESIDUAL_EPS, np.float32), "loop/eps"),
-        numpy_helper.from_array(np.array(True), "loop/true"),
-    ]
+    def outer(self, loop: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """The outer graph's nodes: Q, T's z-only nodes, ``loop`` (the loop and what reads its outputs), S."""
+        return [*self.q_nodes, *self.t_once, *loop, *self.s_nodes]
 
 
 def build_step_model(t: onnx.ModelProto) -> onnx.ModelProto:
     """step.onnx: T followed by the per-sample residual, (u, z) -> (u_next, residual, step_norm)."""
-    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
-    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "u", "z": "z", "u_next": "u_next"})
-    f32 = TensorProto.FLOAT
-    consts = _constants(len(latent))
-    graph = helper.make_graph(
-        [*t_nodes, *_residual_nodes("u_next", "u", "r/", "residual", "step_norm")],
+    builder = GraphBuilder(t)
+    t_nodes = builder.copy(t, "t/", {"u": "u", "z": "z", "u_next": "u_next"})
+    builder.shared(AXES, EPS, latent_rank=len(latent_dims(t)))
+    return builder.build(
         "step",
-        [helper.make_value_info("u", t.graph.input[0].type), helper.make_value_info("z", t.graph.input[1].type)],
+        [*t_nodes, *residual_nodes("u_next", "u", "r/", "residual", "step_norm")],
+        [typed("u", t.graph.input[0].type), typed("z", t.graph.input[1].type)],
         [
-            helper.make_value_info("u_next", t.graph.output[0].type),
-            helper.make_tensor_value_info("residual", f32, ["batch"]),
-            helper.make_tensor_value_info("step_norm", f32, ["batch"]),
+            typed("u_next", t.graph.output[0].type),
+            value("residual", F32, ["batch"]),
+            value("step_norm", F32, ["batch"]),
         ],
-        [*t_inits, consts[0], consts[2]],
     )
-    model = helper.make_model(graph, opset_imports=list(t.opset_import), producer_name="fpn-export")
-    model.ir_version = t.ir_version
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
-def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> onnx.ModelProto:
-    """Compose the three exported graphs into one model with an ONNX Loop (see the module doc)."""
-    if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
-        raise ValueError("the graphs must not contain control flow of their own")
-    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
-    axes = list(range(1, 1 + len(latent)))
-    f32, i64, b = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-
-    q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
-    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
-    s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
-    t_once, t_nodes = _split_invariant(t_nodes, {"b_u"}) if _hoistable(t) else ([], t_nodes)
-
-    def vi(name: str, dtype: int, shape: list[int | str]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, dtype, shape)
-
-    body_nodes = [
-        *t_nodes,
-        *_residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
-        helper.make_node("Unsqueeze", ["b_active", "loop/axes"], ["b_act_u"], name="body/act_u"),
+def _batch_body(t_body: list[onnx.NodeProto], latent: list[int]) -> onnx.GraphProto:
+    """FPN.onnx's loop body: T, the residual, and per-sample freezing of the carried state."""
+    nodes = [
+        *t_body,
+        *residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
+        helper.make_node("Unsqueeze", ["b_active", AXES], ["b_act_u"], name="body/act_u"),
         helper.make_node("Where", ["b_act_u", "b_un", "b_u"], ["b_u_out"], name="body/u"),
         helper.make_node("Where", ["b_active", "b_res", "b_r"], ["b_r_out"], name="body/r"),
         helper.make_node("Where", ["b_active", "b_step", "b_s"], ["b_s_out"], name="body/s"),
-        helper.make_node("Cast", ["b_active"], ["b_act_i"], to=i64, name="body/act_i"),
+        helper.make_node("Cast", ["b_active"], ["b_act_i"], to=I64, name="body/act_i"),
         helper.make_node("Add", ["b_it", "b_act_i"], ["b_it_out"], name="body/iters"),
         # a frozen sample keeps a residual <= tol, so the carried residual says who is still active
         helper.make_node("Greater", ["b_r_out", "tol"], ["b_active_out"], name="body/active"),
         helper.make_node("ReduceMax", ["b_r_out"], ["b_r_max"], keepdims=0, name="body/r_max"),
         helper.make_node("Greater", ["b_r_max", "tol"], ["b_cond_out"], name="body/cond"),
     ]
-    body = helper.make_graph(
-        body_nodes,
+    carried: list[tuple[str, int, list[int | str]]] = [
+        ("u", F32, ["batch", *latent]),
+        ("r", F32, ["batch"]),
+        ("s", F32, ["batch"]),
+        ("it", I64, ["batch"]),
+        ("active", BOOL, ["batch"]),
+    ]
+    return helper.make_graph(
+        nodes,
         "fixed_point_body",
-        [
-            vi("b_k", i64, []),
-            vi("b_cond", b, []),
-            vi("b_u", f32, ["batch", *latent]),
-            vi("b_r", f32, ["batch"]),
-            vi("b_s", f32, ["batch"]),
-            vi("b_it", i64, ["batch"]),
-            vi("b_active", b, ["batch"]),
-        ],
-        [
-            vi("b_cond_out", b, []),
-            vi("b_u_out", f32, ["batch", *latent]),
-            vi("b_r_out", f32, ["batch"]),
-            vi("b_s_out", f32, ["batch"]),
-            vi("b_it_out", i64, ["batch"]),
-            vi("b_active_out", b, ["batch"]),
-        ],
+        [value("b_k", I64, []), value("b_cond", BOOL, []), *(value(f"b_{n}", d, sh) for n, d, sh in carried)],
+        [value("b_cond_out", BOOL, []), *(value(f"b_{n}_out", d, sh) for n, d, sh in carried)],
     )
-    outer_nodes = [
-        *q_nodes,
-        *t_once,
+
+
+def _filled(name: str, shape: str, dtype: int, fill: float | int | bool) -> onnx.NodeProto:
+    """``name`` = a tensor of the shape held in ``shape``, every element ``fill``."""
+    return helper.make_node(
+        "ConstantOfShape", [shape], [name], value=helper.make_tensor("v", dtype, [1], [fill]), name=name
+    )
+
+
+def build_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> onnx.ModelProto:
+    """Compose the three exported graphs into one model with an ONNX Loop (see the module doc)."""
+    fused = _Fused(q, t, s)
+    loop = [
         helper.make_node("Shape", ["z"], ["loop/zshape"], name="loop/zshape"),
-        helper.make_node("Gather", ["loop/zshape", "loop/zero"], ["loop/batch"], axis=0, name="loop/batch"),
-        helper.make_node(
-            "ConstantOfShape",
-            ["loop/zshape"],
-            ["loop/u0"],
-            value=helper.make_tensor("v", f32, [1], [0.0]),
-            name="loop/u0",
-        ),
-        helper.make_node(
-            "ConstantOfShape",
-            ["loop/batch"],
-            ["loop/inf"],
-            value=helper.make_tensor("v", f32, [1], [np.inf]),
-            name="loop/inf",
-        ),
-        helper.make_node(
-            "ConstantOfShape",
-            ["loop/batch"],
-            ["loop/it0"],
-            value=helper.make_tensor("v", i64, [1], [0]),
-            name="loop/it0",
-        ),
-        helper.make_node(
-            "ConstantOfShape",
-            ["loop/batch"],
-            ["loop/act0"],
-            value=helper.make_tensor("v", b, [1], [1]),
-            name="loop/act0",
-        ),
+        helper.make_node("Gather", ["loop/zshape", ZERO], ["loop/batch"], axis=0, name="loop/batch"),
+        _filled("loop/u0", "loop/zshape", F32, 0.0),
+        _filled("loop/inf", "loop/batch", F32, np.inf),
+        _filled("loop/it0", "loop/batch", I64, 0),
+        _filled("loop/act0", "loop/batch", BOOL, 1),
         helper.make_node(
             "Loop",
-            ["max_iter", "loop/true", "loop/u0", "loop/inf", "loop/inf", "loop/it0", "loop/act0"],
+            ["max_iter", TRUE, "loop/u0", "loop/inf", "loop/inf", "loop/it0", "loop/act0"],
             ["u_final", "residual", "step_norm", "iterations", "loop/active"],
-            body=body,
+            body=_batch_body(fused.t_body, fused.latent),
             name="loop/fixed_point",
         ),
-        *s_nodes,
     ]
-    constants = _constants(len(axes))
-    x_type = q.graph.input[0].type
-    logits_type = s.graph.output[0].type
-    graph = helper.make_graph(
-        outer_nodes,
+    fused.builder.shared(AXES, ZERO, EPS, TRUE, latent_rank=len(fused.latent))
+    return fused.builder.build(
         "fpn",
+        fused.outer(loop),
+        [typed("x", fused.x_type), value("tol", F32, []), value("max_iter", I64, [])],
         [
-            helper.make_value_info("x", x_type),
-            vi("tol", f32, []),
-            vi("max_iter", i64, []),
+            typed("logits", fused.logits_type),
+            value("iterations", I64, ["batch"]),
+            value("residual", F32, ["batch"]),
+            value("step_norm", F32, ["batch"]),
         ],
-        [
-            helper.make_value_info("logits", logits_type),
-            vi("iterations", i64, ["batch"]),
-            vi("residual", f32, ["batch"]),
-            vi("step_norm", f32, ["batch"]),
-        ],
-        [*q_inits, *t_inits, *s_inits, *constants],
     )
-    opsets = {o.domain: o for g in (q, t, s) for o in g.opset_import}  # e.g. com.microsoft after quantization
-    model = helper.make_model(graph, opset_imports=list(opsets.values()), producer_name="fpn-export")
-    model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def _batch_one(value_type: onnx.TypeProto) -> onnx.TypeProto:
-    """``value_type`` with its leading (batch) dimension fixed at 1."""
-    fixed = onnx.TypeProto()
-    fixed.CopyFrom(value_type)
-    dim = fixed.tensor_type.shape.dim[0]
-    dim.ClearField("dim_param")
-    dim.dim_value = 1
-    return fixed
 
 
 def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.ModelProto) -> onnx.ModelProto:
@@ -263,36 +184,28 @@ def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.Mode
 
     Same inputs and outputs as FPN.onnx with the batch axis fixed at 1; ``max_iter`` must be >= 1.
     """
-    if any(n.op_type in ("Loop", "If", "Scan") for g in (q, t, s) for n in g.graph.node):
-        raise ValueError("the graphs must not contain control flow of their own")
-    latent = [d.dim_value for d in t.graph.input[0].type.tensor_type.shape.dim[1:]]
-    f32, i64, b = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
-
-    q_nodes, q_inits = _prefixed(q.graph, "q/", {"x": "x", "z": "z"})
-    t_nodes, t_inits = _prefixed(t.graph, "t/", {"u": "b_u", "z": "z", "u_next": "b_un"})
-    s_nodes, s_inits = _prefixed(s.graph, "s/", {"u": "u_final", "logits": "logits"})
-    t_once, t_nodes = _split_invariant(t_nodes, {"b_u"}) if _hoistable(t) else ([], t_nodes)
-
-    def vi(name: str, dtype: int, shape: list[int]) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(name, dtype, shape)
-
+    fused = _Fused(q, t, s)
+    latent = fused.latent
     body = helper.make_graph(
         [
-            *t_nodes,
-            *_residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
+            *fused.t_body,
+            *residual_nodes("b_un", "b_u", "body/", "b_res", "b_step"),
             helper.make_node("Greater", ["b_res", "tol"], ["b_cond_out"], name="body/cond"),  # go on while > tol
         ],
         "fixed_point_body_1",
-        [vi("b_k", i64, []), vi("b_cond", b, []), vi("b_u", f32, [1, *latent])],
+        [value("b_k", I64, []), value("b_cond", BOOL, []), value("b_u", F32, [1, *latent])],
         # carried: the iterate; scanned: the residual and step of every iteration
-        [vi("b_cond_out", b, [1]), vi("b_un", f32, [1, *latent]), vi("b_res", f32, [1]), vi("b_step", f32, [1])],
+        [
+            value("b_cond_out", BOOL, [1]),
+            value("b_un", F32, [1, *latent]),
+            value("b_res", F32, [1]),
+            value("b_step", F32, [1]),
+        ],
     )
-    outer_nodes = [
-        *q_nodes,
-        *t_once,
+    loop = [
         helper.make_node(
             "Loop",
-            ["max_iter", "loop/true", "loop/u0"],
+            ["max_iter", TRUE, "loop/u0"],
             ["u_final", "loop/residuals", "loop/steps"],
             body=body,
             name="loop/fixed_point",
@@ -300,33 +213,21 @@ def build_single_loop_model(q: onnx.ModelProto, t: onnx.ModelProto, s: onnx.Mode
         helper.make_node("Shape", ["loop/residuals"], ["iterations"], start=0, end=1, name="loop/iterations"),
         helper.make_node("Gather", ["loop/residuals", "loop/last"], ["residual"], axis=0, name="loop/residual"),
         helper.make_node("Gather", ["loop/steps", "loop/last"], ["step_norm"], axis=0, name="loop/step"),
-        *s_nodes,
     ]
-    axes, _, eps, true = _constants(len(latent))
-    constants = [
-        axes,
-        eps,
-        true,
-        numpy_helper.from_array(np.zeros([1, *latent], np.float32), "loop/u0"),
-        numpy_helper.from_array(np.array(-1, np.int64), "loop/last"),
-    ]
-    graph = helper.make_graph(
-        outer_nodes,
+    fused.builder.shared(AXES, EPS, TRUE, latent_rank=len(latent))
+    fused.builder.constant("loop/u0", np.zeros([1, *latent], np.float32))
+    fused.builder.constant("loop/last", np.array(-1, np.int64))
+    return fused.builder.build(
         "fpn1",
-        [helper.make_value_info("x", _batch_one(q.graph.input[0].type)), vi("tol", f32, []), vi("max_iter", i64, [])],
+        fused.outer(loop),
+        [typed("x", batch_one(fused.x_type)), value("tol", F32, []), value("max_iter", I64, [])],
         [
-            helper.make_value_info("logits", _batch_one(s.graph.output[0].type)),
-            vi("iterations", i64, [1]),
-            vi("residual", f32, [1]),
-            vi("step_norm", f32, [1]),
+            typed("logits", batch_one(fused.logits_type)),
+            value("iterations", I64, [1]),
+            value("residual", F32, [1]),
+            value("step_norm", F32, [1]),
         ],
-        [*q_inits, *t_inits, *s_inits, *constants],
     )
-    opsets = {o.domain: o for g in (q, t, s) for o in g.opset_import}
-    model = helper.make_model(graph, opset_imports=list(opsets.values()), producer_name="fpn-export")
-    model.ir_version = max(q.ir_version, t.ir_version, s.ir_version)
-    onnx.checker.check_model(model, full_check=True)
-    return model
 
 
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "Tanh", "HardSigmoid", "Softplus", "Gelu", "Identity"}
@@ -349,7 +250,7 @@ def _int(node: onnx.NodeProto, name: str, default: int) -> int:
 def _string(node: onnx.NodeProto, name: str, default: str) -> str:
     for attr in node.attribute:
         if attr.name == name:
-            return attr.s.decode()
+            return str(attr.s.decode())
     return default
 
 
