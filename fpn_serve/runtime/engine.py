@@ -12,140 +12,28 @@ very nodes of Q, T, S and the fused residual, so every path gives the same answe
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError, ModelError
-from .runner import StepRunner
 from ..contract.manifest import Manifest, load_manifest
-from .solvers import SOLVERS, SolveOutput, anderson
+from ..errors import ModelError
+from .active import ActiveSet, SolveOutput
+from .providers import CUDA_PROVIDER, choose_providers, session_options
+from .request import DEFAULT_MAX_ITER_CAP, Prepared, RequestRules
+from .result import ClassifyResult, softmax
+from .runner import StepRunner
+from .solvers import anderson
+
+__all__ = ["DEFAULT_MAX_ITER_CAP", "ClassifyResult", "Engine", "softmax"]
 
 log = logging.getLogger("fpn_serve")
-
-DEFAULT_MAX_ITER_CAP = 10_000
-MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow the network
-DEVICES = ("auto", "cpu", "cuda")
-
-
-class _Softmax:
-    """``ClassifyResult.probabilities``: as given, or else the softmax of the result's logits,
-    computed when first read (a caller that needs only labels or logits does not pay for it)."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._slot = "_" + name
-
-    @overload
-    def __get__(self, obj: None, objtype: type | None = None) -> None: ...
-    @overload
-    def __get__(self, obj: ClassifyResult, objtype: type | None = None) -> np.ndarray: ...
-    def __get__(self, obj: ClassifyResult | None, objtype: type | None = None) -> np.ndarray | None:
-        if obj is None:
-            return None  # the dataclass default: compute on demand
-        value: np.ndarray | None = obj.__dict__.get(self._slot)
-        if value is None:
-            value = obj.__dict__[self._slot] = softmax(obj.logits)  # a cache: the result stays as it was
-        return value
-
-    def __set__(self, obj: ClassifyResult, value: np.ndarray | None) -> None:
-        obj.__dict__[self._slot] = value
-
-
-@dataclass(frozen=True)
-class ClassifyResult:
-    """Per-input results of one ``classify`` call, in input order (arrays of length batch).
-
-    ``probabilities`` (float32 [B, classes], the softmax of the logits) may be passed in; if not,
-    it is computed from ``logits`` when first read.
-    """
-
-    labels: np.ndarray  # int64 [B], index into ``names``
-    logits: np.ndarray  # float32 [B, classes]
-    iterations: np.ndarray  # int32 [B], applications of T
-    residuals: np.ndarray  # float32 [B], relative step size at exit
-    converged: np.ndarray  # bool [B], residual <= tol
-    error_bounds: np.ndarray  # float32 [B], certified bound on ||u - u*|| from gamma and the last step
-    names: tuple[str, ...]  # label names of the model, by class index
-    probabilities: _Softmax = _Softmax()  # float32 [B, classes]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of float32 logits [B, classes], in float32."""
-    if logits.shape[0] == 1:  # the same numbers, a little faster than the reductions along an axis
-        expo = logits - logits.max()
-        np.exp(expo, out=expo)
-        expo /= expo.sum()
-    else:
-        expo = logits - logits.max(axis=1, keepdims=True)
-        np.exp(expo, out=expo)
-        expo /= expo.sum(axis=1, keepdims=True)
-    probabilities: np.ndarray = expo.astype(np.float32, copy=False)
-    return probabilities
-
-
-def _cuda_driver_present() -> bool:
-    for lib in ("libcuda.so.1", "nvcuda.dll"):
-        try:
-            ctypes.CDLL(lib)
-            return True
-        except OSError:
-            continue
-    return False
-
-
-def _session_options(threads: int) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # Idle pool threads sleep instead of spinning: a server shares its cores with the HTTP loop.
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
-
-
-# Exact float32 on CUDA: with TF32 matrix products the residual stalls near 1e-4 and a tight
-# tolerance would run to max_iter; the models are small, so the exact arithmetic costs little.
-CUDA_PROVIDER = ("CUDAExecutionProvider", {"use_tf32": "0"})
-
-
-def choose_providers(device: str, probe_graph: Path) -> tuple[list[Any], str]:
-    """Pick execution providers by what really initialises, not by what is listed.
-
-    ``onnxruntime-gpu`` lists CUDA even on a machine without a GPU, so CUDA is chosen only when
-    the driver loads and a session on ``probe_graph`` keeps the CUDA provider.
-    """
-    if device not in DEVICES:
-        raise ModelError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    if device == "cpu":
-        return ["CPUExecutionProvider"], "cpu requested"
-    reason = ""
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        reason = "this onnxruntime build has no CUDA provider"
-    elif not _cuda_driver_present():
-        reason = "no CUDA driver on this machine"
-    else:
-        try:
-            providers: list[Any] = [CUDA_PROVIDER, "CPUExecutionProvider"]
-            sess = ort.InferenceSession(str(probe_graph), _session_options(1), providers=providers)
-            if sess.get_providers()[0] == "CUDAExecutionProvider":
-                return providers, "CUDA initialised"
-            reason = "the CUDA provider did not initialise"
-        except Exception as exc:
-            reason = f"the CUDA provider failed: {exc}"
-    if device == "cuda":
-        raise ModelError(f"--device cuda was requested but {reason}")
-    return ["CPUExecutionProvider"], reason
 
 
 class Engine:
@@ -163,6 +51,7 @@ class Engine:
         self.model_dir = model_dir
         self.device = device
         self.max_iter_cap = max_iter_cap
+        self.rules = RequestRules(manifest, max_iter_cap)
         self._q, self._t, self._s = sessions["Q"], sessions["T"], sessions["S"]
         self._step = sessions.get("step")
         self._fpn = sessions.get("fpn")
@@ -202,7 +91,7 @@ class Engine:
         log.info("model %s: running on %s (%s)", manifest.name, chosen, why)
         sessions = {}
         for role, ref in manifest.graphs.items():
-            options = _session_options(threads if role == "Q" else 1)
+            options = session_options(threads if role == "Q" else 1)
             if manifest.precision_name == "fp16":
                 # On the CPU ONNX Runtime runs fp16 graphs in float32 through casts it inserts. In T.onnx
                 # and step.onnx a weight's cast folds into a constant whose MatMul is prepacked, and that
@@ -236,40 +125,27 @@ class Engine:
         """Whether one input runs as one ONNX Runtime call (FPN1.onnx, on the CPU)."""
         return self._single is not None
 
-    # ---------------------------------------------------------------------------------------
+    # -- requests: validated once (``prepare``), then run as they are ------------------------
+    def prepare(
+        self,
+        x: Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        *,
+        solver: str = "fixed_point",
+        deadline_ms: float | None = None,
+        started: float | None = None,
+    ) -> Prepared:
+        """Validate a request once (see ``RequestRules.prepare``); raises InputError."""
+        return self.rules.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started)
+
     def validate_inputs(self, x: Any) -> np.ndarray:
         """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""
-        shape = self.manifest.input.shape
-        if not isinstance(x, np.ndarray):
-            raise InputError(f"inputs must be a numpy array of shape {_batched(shape)}, got {type(x).__name__}")
-        if x.dtype.kind != "f":
-            raise InputError(f"inputs must be floating point (float32), got dtype {x.dtype}")
-        if x.ndim != len(shape) + 1 or x.shape[1:] != shape or x.shape[0] < 1:
-            raise InputError(f"inputs have shape {list(x.shape)}; expected {_batched(shape)} with batch >= 1")
-        arr: np.ndarray = np.ascontiguousarray(x, dtype=np.float32)
-        # One cheap pass for the common case: a sum of squares within MAX_ABS_INPUT^2 bounds every
-        # value, and NaN or inf fail the test. Otherwise look closer.
-        if not np.vdot(arr, arr) <= MAX_ABS_INPUT * MAX_ABS_INPUT:
-            peak = np.abs(arr).max()
-            if not np.isfinite(peak):
-                raise InputError("inputs contain NaN or infinite values; only finite numbers are allowed")
-            if peak > MAX_ABS_INPUT:
-                raise InputError(f"inputs reach {peak:.3g}; normalised inputs must lie within +-{MAX_ABS_INPUT:g}")
-        return arr
+        return self.rules.validate_inputs(x)
 
     def resolve(self, tol: float | None, max_iter: int | None) -> tuple[float, int]:
         """Fill in the manifest defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
-        tol = self.manifest.solver.tol if tol is None else tol
-        max_iter = min(self.manifest.solver.max_iter, self.max_iter_cap) if max_iter is None else max_iter
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 <= tol <= 1:
-            raise InputError(f"tol must be a number with 0 <= tol <= 1, got {tol!r}")
-        if (
-            isinstance(max_iter, bool)
-            or not isinstance(max_iter, (int, np.integer))
-            or not 1 <= max_iter <= self.max_iter_cap
-        ):
-            raise InputError(f"max_iter must be an integer from 1 to {self.max_iter_cap}, got {max_iter!r}")
-        return float(tol), int(max_iter)
+        return self.rules.resolve(tol, max_iter)
 
     def classify(
         self,
@@ -290,17 +166,7 @@ class Engine:
         current iterate (``converged`` False unless they met tol). Raises InputError for a bad
         array or parameter.
         """
-        started = time.perf_counter()
-        x = self.validate_inputs(x)
-        tol, max_iter = self.resolve(tol, max_iter)
-        if solver not in SOLVERS:
-            raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-        deadline = None
-        if deadline_ms is not None:
-            if isinstance(deadline_ms, bool) or not (isinstance(deadline_ms, (int, float)) and deadline_ms > 0):
-                raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
-            deadline = started + deadline_ms / 1000.0
-        return self._run(x, tol, max_iter, solver, deadline)
+        return self.run(self.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms))
 
     def classify_fixed(self, x: Any, iterations: int) -> ClassifyResult:
         """Run exactly ``iterations`` applications of T for every sample, with no early exit.
@@ -308,12 +174,13 @@ class Engine:
         For parity checks against other implementations and for benchmarks; ``converged`` is
         always False.
         """
-        x = self.validate_inputs(x)
-        _, iterations = self.resolve(None, iterations)
-        return self._run(x, -1.0, iterations, "fixed_point", None)
+        prepared = self.prepare(x, max_iter=iterations)
+        return self.decode(self.solve(self.encode(prepared.x), -1.0, prepared.max_iter), -1.0)
 
-    def _run(self, x: np.ndarray, tol: float, max_iter: int, solver: str, deadline: float | None) -> ClassifyResult:
-        if solver == "fixed_point" and deadline is None and tol >= 0:
+    def run(self, request: Prepared) -> ClassifyResult:
+        """Execute a prepared request (nothing is checked again)."""
+        x, tol, max_iter = request.x, request.tol, request.max_iter
+        if request.solver == "fixed_point" and not request.timed:
             # the single-graph variants: Q, the loop and S in one ONNX Runtime call
             if self._single is not None and x.shape[0] == 1:
                 return self._report(*self._single.run(x, tol, max_iter), tol)
@@ -322,8 +189,8 @@ class Engine:
                     None, {"x": x, "tol": np.array(tol, np.float32), "max_iter": np.array(max_iter, np.int64)}
                 )
                 return self._report(logits, iterations.astype(np.int32), residuals, steps, tol)
-        z = self.encode(x)
-        out = self.solve(z, tol, max_iter, solver=solver, deadline=deadline)
+        deadline = request.deadline if request.timed else None
+        out = self.solve(self.encode(x), tol, max_iter, solver=request.solver, deadline=deadline)
         return self.decode(out, tol)
 
     def _report(
@@ -382,34 +249,16 @@ class Engine:
         if solver == "anderson":
             return anderson(self.apply_t, z, tol, max_iter, deadline=deadline)
         batch = z.shape[0]
-        u = np.zeros((batch, *self._latent), dtype=np.float32)
-        iterations = np.zeros(batch, dtype=np.int32)
-        residuals = np.full(batch, np.inf, dtype=np.float32)
-        steps = np.full(batch, np.inf, dtype=np.float32)
+        active = ActiveSet(batch, self._latent)
+        work = active.admit(batch, tol, max_iter, math.inf if deadline is None else deadline)
         runner = self.new_runner(batch)
         runner.add(z)
-        active = np.arange(batch)
-        for k in range(1, max_iter + 1):
+        while active.n:
             r, st = runner.step()
-            out_of_time = deadline is not None and time.perf_counter() >= deadline
-            if k == max_iter or out_of_time:
-                u[active], residuals[active], steps[active], iterations[active] = runner.current(), r, st, k
-                break
-            keep = r > tol
-            if not keep.all():
-                done = ~keep
-                leaving = active[done]
-                u[leaving], residuals[leaving], steps[leaving], iterations[leaving] = (
-                    runner.current(done),
-                    r[done],
-                    st[done],
-                    k,
-                )
-                if not keep.any():
-                    break
-                active = active[keep]
+            keep, _ = active.advance(r, st, runner.current)
+            if keep is not None and active.n:
                 runner.keep(keep)
-        return SolveOutput(u, iterations, residuals, steps)
+        return work.out
 
     def apply_t(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
         """One application of T to a batch of latents: u_next = T(u, z) (T.onnx, no stopping)."""
@@ -461,10 +310,6 @@ class _Bound:
             self.binding.bind_input(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
         for name, arr in zip(("logits", "iterations", "residual", "step_norm"), self.outputs, strict=True):
             self.binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
-
-
-def _batched(shape: tuple[int, ...]) -> str:
-    return f"[batch, {', '.join(map(str, shape))}]"
 
 
 def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSession], model_dir: Path) -> None:

@@ -4,26 +4,15 @@ The residual they stop on is the contract's (``fpn_serve.contract.residual``).""
 
 from __future__ import annotations
 
-import time
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..contract.residual import RESIDUAL_EPS
+from .active import ActiveSet, SolveOutput
 
-
-SOLVERS = ("fixed_point", "anderson")
-
-
-@dataclass
-class SolveOutput:
-    """The per-sample outcome of a solve, in input order."""
-
-    u: np.ndarray  # float32 [B, *latent], the returned iterate
-    iterations: np.ndarray  # int32 [B], applications of T
-    residuals: np.ndarray  # float32 [B], relative step at exit
-    steps: np.ndarray  # float32 [B], absolute step ||u_k - u_{k-1}|| at exit (for the error bound)
+__all__ = ["SolveOutput", "anderson"]
 
 
 def anderson(
@@ -41,17 +30,14 @@ def anderson(
 
     Each iteration applies f once to every active sample and mixes the last ``memory`` pairs
     (u_i, f(u_i)) by the weights that minimise the mixed residual (regularised by ``lam`` times
-    the residuals' mean squared norm). A sample stops when ||f(u) - u|| / (||f(u)|| + eps) <= tol
-    and answers f(u), whose distance to the fixed point is bounded by gamma / (1 - gamma) *
-    ||f(u) - u|| like a plain step.
+    the residuals' mean squared norm). Stopping is the active set's (tol, max_iter, ``deadline``,
+    an absolute ``time.perf_counter()`` value); a stopped sample answers f(u), whose distance to
+    the fixed point is bounded by gamma / (1 - gamma) * ||f(u) - u|| like a plain step.
     """
     batch = z.shape[0]
     n_flat = int(np.prod(z.shape[1:]))
-    out_u = np.zeros_like(z)
-    iterations = np.zeros(batch, np.int32)
-    residuals = np.full(batch, np.inf, np.float32)
-    steps = np.full(batch, np.inf, np.float32)
-    active = np.arange(batch)
+    active = ActiveSet(batch, tuple(z.shape[1:]))
+    work = active.admit(batch, tol, max_iter, math.inf if deadline is None else deadline)
     za = z
     u = np.zeros_like(z)
     xs = np.zeros((batch, memory, n_flat), np.float32)  # past inputs u_i
@@ -62,17 +48,12 @@ def anderson(
         flat_u, flat_f = u.reshape(len(u), -1), fu.reshape(len(u), -1)
         g = flat_f - flat_u
         step = np.sqrt(np.einsum("ij,ij->i", g, g)).astype(np.float32)
-        r = step / (np.sqrt(np.einsum("ij,ij->i", flat_f, flat_f)) + RESIDUAL_EPS)
-        done = r <= tol
-        if k == max_iter or (deadline is not None and time.perf_counter() >= deadline):
-            done[:] = True
-        if done.any():
-            leaving = active[done]
-            out_u[leaving], residuals[leaving], steps[leaving], iterations[leaving] = fu[done], r[done], step[done], k
-            keep = ~done
-            if not keep.any():
-                break
-            active, za, fu, u = active[keep], za[keep], fu[keep], u[keep]
+        r = (step / (np.sqrt(np.einsum("ij,ij->i", flat_f, flat_f)) + RESIDUAL_EPS)).astype(np.float32)
+        keep, _ = active.advance(r, step, fu.__getitem__)
+        if not active.n:
+            break
+        if keep is not None:
+            za, fu, u = za[keep], fu[keep], u[keep]
             xs, gs, fs, g = xs[keep], gs[keep], fs[keep], g[keep]
             flat_u, flat_f = u.reshape(len(u), -1), fu.reshape(len(u), -1)
         slot = (k - 1) % memory
@@ -91,4 +72,4 @@ def anderson(
         alpha = sol / sol.sum(axis=1, keepdims=True)
         mixed = np.einsum("bi,bin->bn", alpha, beta * fs[:, :m] + (1 - beta) * xs[:, :m])
         u = mixed.reshape(u.shape).astype(np.float32)
-    return SolveOutput(out_u, iterations, residuals, steps)
+    return work.out

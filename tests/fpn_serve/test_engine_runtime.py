@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from fpn_serve import Engine, InputError
+from fpn_serve.batching.policy import expected_iterations
+from fpn_serve.batching.scheduler import QueueFull, Scheduler
 from fpn_serve.contract.manifest import load_manifest
-from fpn_serve.batching.scheduler import QueueFull, Scheduler, expected_iterations
 
 from .synthetic import linear_model
 
@@ -54,7 +55,8 @@ def test_error_bound_holds_against_a_long_solve(engine: Engine, digits: np.ndarr
 @pytest.fixture(scope="module")
 def slow_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     """A model that never converges (T(u, z) = u + z), so only max_iter or a deadline stops it."""
-    return Engine.load(linear_model(tmp_path_factory.mktemp("m") / "never", scale=1.0), device="cpu")
+    folder = linear_model(tmp_path_factory.mktemp("m") / "never", scale=1.0)
+    return Engine.load(folder, device="cpu", max_iter_cap=10_000)  # long runs: above the default cap
 
 
 def test_deadline_answers_with_the_current_iterate(slow_engine: Engine, engine: Engine, digits: np.ndarray) -> None:
@@ -215,7 +217,7 @@ def test_an_idle_scheduler_answers_a_lone_input_in_the_callers_thread(engine: En
     scheduler.start()
     try:
         got = scheduler.classify(digits[5:6], 1e-4)
-        assert scheduler.stats["solo"] == 1 and scheduler.stats["iterations"] == 0  # no shared batch involved
+        assert scheduler.stats["alone"] == 1 and scheduler.stats["iterations"] == 0  # no shared batch involved
         solo = engine.classify(digits[5:6], 1e-4)
         for name in ("labels", "logits", "iterations", "residuals", "error_bounds"):
             np.testing.assert_array_equal(getattr(got, name), getattr(solo, name), err_msg=name)
@@ -227,27 +229,11 @@ def test_an_idle_scheduler_answers_a_lone_input_in_the_callers_thread(engine: En
             return list(await asyncio.gather(first, second))
 
         first, second = asyncio.run(burst())
-        assert scheduler.stats["solo"] == 2 and scheduler.stats["admitted"] == 3
+        assert scheduler.stats["alone"] == 2 and scheduler.stats["admitted"] == 3
         for i, result in ((6, first), (7, second)):
             np.testing.assert_array_equal(result.logits, engine.classify(digits[i : i + 1], 1e-3).logits)  # type: ignore[attr-defined]
     finally:
         scheduler.stop()
-
-
-def test_the_queue_lets_loose_requests_pass_tight_ones_but_not_forever(engine: Engine, digits: np.ndarray) -> None:
-    scheduler = Scheduler(engine, max_active=8, encode_rows=2)
-    scheduler._running = True  # take requests without starting the workers: the queue's order is under test
-    tight = scheduler.submit(digits[:2], 1e-6)
-    loose = scheduler.submit(digits[2:4], 1e-1)
-    assert [r.future for r in scheduler._take_admissible()] == [loose]
-    assert [r.future for r in scheduler._take_admissible()] == [tight]
-    # a tight request that has waited longer than its slack goes before a loose newcomer
-    waited = scheduler.submit(digits[:2], 1e-6)
-    expected = scheduler.slack * (expected_iterations(engine.manifest)(1e-6) - 1) * scheduler._iteration_s
-    time.sleep(expected + 0.05)
-    newcomer = scheduler.submit(digits[2:4], 1e-1)
-    assert [r.future for r in scheduler._take_admissible()] == [waited]
-    assert [r.future for r in scheduler._take_admissible()] == [newcomer]
 
 
 def test_expected_iterations_follow_the_calibration(engine: Engine, tmp_path: Path) -> None:
@@ -314,7 +300,7 @@ def test_submit_queues_even_when_idle_and_only_one_call_paths_run_alone(
         futures = [scheduler.submit(digits[i : i + 1], 1e-4) for i in range(8)]  # a fan-out: never run inline
         for i, f in enumerate(futures):
             np.testing.assert_array_equal(f.result(30).logits, engine.classify(digits[i : i + 1], 1e-4).logits)
-        assert scheduler.stats["solo"] == 0 and scheduler.stats["admitted"] == 8
+        assert scheduler.stats["alone"] == 0 and scheduler.stats["admitted"] == 8
     finally:
         scheduler.stop()
     # a folder without FPN1.onnx (and the CUDA engine) has no one-call path: lone inputs join the batch
@@ -323,7 +309,7 @@ def test_submit_queues_even_when_idle_and_only_one_call_paths_run_alone(
     other.start()
     try:
         assert other.classify(np.ones((1, 1, 2, 2), np.float32), 1e-1).iterations.tolist() == [10]
-        assert other.stats["solo"] == 0 and other.stats["iterations"] == 10
+        assert other.stats["alone"] == 0 and other.stats["iterations"] == 10
     finally:
         other.stop()
 
@@ -333,17 +319,17 @@ def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
 ) -> None:
     scheduler = Scheduler(engine, max_active=4)
     release, started = threading.Event(), threading.Event()
-    real_classify = engine.classify
+    real_run = engine.run
 
     def held(*args: object, **kwargs: object) -> object:
         started.set()
         release.wait(30)
-        return real_classify(*args, **kwargs)  # type: ignore[arg-type]
+        return real_run(*args, **kwargs)  # type: ignore[arg-type]
 
     scheduler.start()
     try:
         with monkeypatch.context() as patch:
-            patch.setattr(scheduler.engine, "classify", held)
+            patch.setattr(scheduler.engine, "run", held)
             lone = threading.Thread(target=scheduler.classify, args=(digits[:1], 1e-3))
             lone.start()
             assert started.wait(30)
@@ -355,9 +341,9 @@ def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
             release.set()
             lone.join(30)
         deadline = time.monotonic() + 10
-        while scheduler._occupied and time.monotonic() < deadline:
+        while scheduler.policy.occupied and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert scheduler._occupied == 0  # neither the lone row nor the failed ones are counted twice
+        assert scheduler.policy.occupied == 0  # neither the lone row nor the failed ones are counted twice
         futures = [scheduler.submit(digits[i : i + 1], 1e-3) for i in range(4, 12)]  # fill the room exactly
         assert all(f.result(30).iterations[0] >= 1 for f in futures)
     finally:
@@ -392,3 +378,51 @@ def test_a_malformed_calibration_falls_back_instead_of_failing(engine: Engine) -
     assert expected_iterations(odd)(1e-3) == pytest.approx(math.log(1e-3) / math.log(odd.contraction.gamma))
     rows.append({"tol": 1e-4, "mean_iterations": 10.0})
     assert expected_iterations(odd)(1e-3) == pytest.approx(8.0)  # between the two usable tolerances
+
+
+def test_a_caller_that_leaves_frees_its_rows_at_the_next_iteration(slow_engine: Engine) -> None:
+    """Abandoned work (a cancelled or timed-out asyncio future) leaves the shared batch at the next
+    iteration; the scheduler's iterations are stepped one by one here, so 'next' is exact."""
+    scheduler = Scheduler(slow_engine, max_active=8)
+    step = scheduler._runner.step
+    go, went = threading.Semaphore(0), threading.Semaphore(0)
+
+    def one_at_a_time() -> tuple[np.ndarray, np.ndarray]:
+        went.release()  # the previous iteration is over, its bookkeeping included
+        go.acquire()
+        return step()
+
+    scheduler._runner.step = one_at_a_time  # type: ignore[method-assign]
+    scheduler.start()
+    x = np.ones((3, 1, 2, 2), np.float32)
+
+    def iterate() -> None:
+        go.release()
+        assert went.acquire(timeout=10)
+
+    async def main() -> tuple[int, int, object]:
+        leaving = scheduler.submit_async(x[:2], 1e-9, 5000)  # never converges: would run 5,000 iterations
+        staying = scheduler.submit_async(x[2:], 1e-9, 40)
+        assert await asyncio.to_thread(went.acquire, timeout=10)  # the stepper waits at its first iteration
+        while scheduler.active < 3:  # both joined the batch
+            await asyncio.to_thread(iterate)
+        for _ in range(5):
+            await asyncio.to_thread(iterate)
+        leaving.cancel()  # what the server does when the caller has gone
+        await asyncio.sleep(0)  # the future's callbacks run on this loop
+        before = scheduler.active
+        await asyncio.to_thread(iterate)
+        after = scheduler.active
+        for _ in range(64):
+            go.release()
+        return before, after, await staying
+
+    try:
+        before, after, kept = asyncio.run(main())
+        assert (before, after) == (3, 1)  # one iteration later only the other request's row is left
+        assert scheduler.stats["evicted"] == 1 and scheduler.stats["answered"] == 1
+        assert kept.iterations.tolist() == [40]  # type: ignore[attr-defined]
+    finally:
+        for _ in range(64):
+            go.release()
+        scheduler.stop()

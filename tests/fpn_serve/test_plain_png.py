@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fpn_serve.contract import images as preprocess
-from fpn_serve.errors import ImageError
-from fpn_serve.contract.manifest import InputSpec
 from fpn_serve.contract.images import PNG_SIGNATURE, decode_image, decode_plain_png, image_to_input
+from fpn_serve.contract.manifest import InputSpec
+from fpn_serve.errors import ImageError
 
 SPEC = InputSpec(shape=(1, 28, 28), dtype="float32", layout="NCHW", scale=1 / 255, mean=(0.1307,), std=(0.3081,), dark_background=True)
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from fpn_serve.errors import ImageError
-from fpn_serve.contract.manifest import InputSpec
 from fpn_serve.contract.images import decode_image, image_to_input, images_to_batch
+from fpn_serve.contract.manifest import InputSpec
+from fpn_serve.errors import ImageError
 
 SPEC = InputSpec(shape=(1, 28, 28), dtype="float32", layout="NCHW", scale=1 / 255, mean=(0.1307,), std=(0.3081,), dark_background=True)
 

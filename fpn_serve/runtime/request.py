@@ -1,0 +1,119 @@
+"""Requests, validated once: a caller's inputs and parameters become a ``Prepared`` request.
+
+Every protocol (HTTP ``/classify``, the Open Inference Protocol, the Python API) turns what it
+received into a ``Prepared`` through ``RequestRules.prepare`` (``Engine.prepare``), which raises
+``InputError`` naming the bad value and what is allowed. The engine and the scheduler execute a
+``Prepared`` as it is and check nothing again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..contract.manifest import Manifest
+from ..errors import InputError
+
+DEFAULT_MAX_ITER_CAP = 1000  # the largest max_iter a request may ask for, unless the server says otherwise
+MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow the network
+SOLVERS = ("fixed_point", "anderson")
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A validated request: the runtime trusts every field."""
+
+    x: np.ndarray  # float32, C-contiguous [batch, *input_shape], finite, within +-MAX_ABS_INPUT
+    tol: float  # 0 <= tol <= 1
+    max_iter: int  # 1 <= max_iter <= the engine's cap
+    solver: str = "fixed_point"  # one of SOLVERS
+    deadline: float = math.inf  # absolute time.perf_counter() seconds; inf for none
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def timed(self) -> bool:
+        return self.deadline != math.inf
+
+
+class RequestRules:
+    """What a request to one model may ask for: its input shape, its defaults and the max_iter cap."""
+
+    def __init__(self, manifest: Manifest, max_iter_cap: int = DEFAULT_MAX_ITER_CAP) -> None:
+        self.input_shape = tuple(manifest.input.shape)
+        self.default_tol = manifest.solver.tol
+        self.max_iter_cap = max_iter_cap
+        self.default_max_iter = min(manifest.solver.max_iter, max_iter_cap)
+
+    def prepare(
+        self,
+        x: Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        *,
+        solver: str = "fixed_point",
+        deadline_ms: float | None = None,
+        started: float | None = None,
+    ) -> Prepared:
+        """Check everything once; ``None`` takes the model's default. The deadline counts from
+        ``started`` (a ``time.perf_counter()`` value; default: now). Raises InputError."""
+        if started is None:
+            started = time.perf_counter()
+        arr = self.validate_inputs(x)
+        tol, max_iter = self.resolve(tol, max_iter)
+        if solver not in SOLVERS:
+            raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        deadline = math.inf
+        if deadline_ms is not None:
+            if (
+                isinstance(deadline_ms, bool)
+                or not isinstance(deadline_ms, (int, float))
+                or not (math.isfinite(deadline_ms) and deadline_ms > 0)
+            ):
+                raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
+            deadline = started + deadline_ms / 1000.0
+        return Prepared(arr, tol, max_iter, solver, deadline)
+
+    def validate_inputs(self, x: Any) -> np.ndarray:
+        """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""
+        shape = self.input_shape
+        if not isinstance(x, np.ndarray):
+            raise InputError(f"inputs must be a numpy array of shape {_batched(shape)}, got {type(x).__name__}")
+        if x.dtype.kind != "f":
+            raise InputError(f"inputs must be floating point (float32), got dtype {x.dtype}")
+        if x.ndim != len(shape) + 1 or x.shape[1:] != shape or x.shape[0] < 1:
+            raise InputError(f"inputs have shape {list(x.shape)}; expected {_batched(shape)} with batch >= 1")
+        arr: np.ndarray = np.ascontiguousarray(x, dtype=np.float32)
+        # One cheap pass for the common case: a sum of squares within MAX_ABS_INPUT^2 bounds every
+        # value, and NaN or inf fail the test. Otherwise look closer.
+        if not np.vdot(arr, arr) <= MAX_ABS_INPUT * MAX_ABS_INPUT:
+            peak = np.abs(arr).max()
+            if not np.isfinite(peak):
+                raise InputError("inputs contain NaN or infinite values; only finite numbers are allowed")
+            if peak > MAX_ABS_INPUT:
+                raise InputError(f"inputs reach {peak:.3g}; normalised inputs must lie within +-{MAX_ABS_INPUT:g}")
+        return arr
+
+    def resolve(self, tol: float | None, max_iter: int | None) -> tuple[float, int]:
+        """Fill in the defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
+        tol = self.default_tol if tol is None else tol
+        max_iter = self.default_max_iter if max_iter is None else max_iter
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or not 0 <= tol <= 1:
+            raise InputError(f"tol must be a number with 0 <= tol <= 1, got {tol!r}")
+        if (
+            isinstance(max_iter, bool)
+            or not isinstance(max_iter, (int, np.integer))
+            or not 1 <= max_iter <= self.max_iter_cap
+        ):
+            raise InputError(f"max_iter must be an integer from 1 to {self.max_iter_cap}, got {max_iter!r}")
+        return float(tol), int(max_iter)
+
+
+def _batched(shape: tuple[int, ...]) -> str:
+    return f"[batch, {', '.join(map(str, shape))}]"
