@@ -24,7 +24,15 @@ from fpn_serve.contract.images import PNG_SIGNATURE, decode_image, decode_plain_
 from fpn_serve.contract.manifest import InputSpec
 from fpn_serve.errors import ImageError
 
-SPEC = InputSpec(shape=(1, 28, 28), dtype="float32", layout="NCHW", scale=1 / 255, mean=(0.1307,), std=(0.3081,), dark_background=True)
+SPEC = InputSpec(
+    shape=(1, 28, 28),
+    dtype="float32",
+    layout="NCHW",
+    scale=1 / 255,
+    mean=(0.1307,),
+    std=(0.3081,),
+    dark_background=True,
+)
 CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}
 ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))

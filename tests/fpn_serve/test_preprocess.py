@@ -12,7 +12,15 @@ from fpn_serve.contract.images import decode_image, image_to_input, images_to_ba
 from fpn_serve.contract.manifest import InputSpec
 from fpn_serve.errors import ImageError
 
-SPEC = InputSpec(shape=(1, 28, 28), dtype="float32", layout="NCHW", scale=1 / 255, mean=(0.1307,), std=(0.3081,), dark_background=True)
+SPEC = InputSpec(
+    shape=(1, 28, 28),
+    dtype="float32",
+    layout="NCHW",
+    scale=1 / 255,
+    mean=(0.1307,),
+    std=(0.3081,),
+    dark_background=True,
+)
 
 
 def _encode(img: Image.Image, fmt: str = "PNG") -> bytes:
