@@ -9,7 +9,7 @@ its last sample leaves, however long the others run. Q of newcomers never stalls
 the requests already running, and ONNX Runtime releases the GIL, so on two or more cores the two
 stages run at once.
 
-The queue's order, the room count and the choice to run a lone input alone are the policy's
+The queue's order, the room count and the choice to run an input alone are the policy's
 (``policy.py``); this module carries them out.
 
     scheduler = Scheduler(engine, max_active=256, max_queue=1024)
@@ -93,21 +93,21 @@ class Scheduler:
         self._to_step = threading.Condition(self._lock)
         self._running = False
         self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
-        self._alone_rows = 0  # a lone input running in its caller's thread
+        self._alone_rows = 0  # an input running alone in its caller's thread
         self._loop_owed = False  # a request ran alone on an event loop that has not turned since
         self._threads: list[threading.Thread] = []
         self._runner = engine.new_runner(max_active)
         self._active = ActiveSet(max_active, tuple(engine.manifest.latent_shape))  # row for row with the runner
-        # written by the stepper thread alone; lone requests count under the lock (see ``stats``)
+        # written by the stepper thread alone; requests run alone count under the lock (see ``stats``)
         self._counts = {"iterations": 0, "admitted": 0, "answered": 0, "evicted": 0, "max_active_seen": 0}
         self._alone_count = 0
-        self._can_run_alone = engine.single_graph  # a lone input has a one-call path (FPN1.onnx on the CPU)
+        self._can_run_alone = engine.single_graph  # one input has a one-call path (FPN1.onnx on the CPU)
 
     # -- public ------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        """Counts so far: iterations of the shared batch, requests admitted and answered (lone ones
-        included), requests evicted because their callers left, lone requests (``alone``) and the
+        """Counts so far: iterations of the shared batch, requests admitted and answered (those run alone
+        included), requests evicted because their callers left, requests run alone (``alone``) and the
         largest active batch."""
         counts = dict(self._counts)
         alone = self._alone_count
@@ -194,7 +194,7 @@ class Scheduler:
         *,
         deadline_ms: float | None = None,
     ) -> ClassifyResult:
-        """``submit`` and wait. A lone input that finds the scheduler idle runs in this thread."""
+        """``submit`` and wait. An input that finds the scheduler idle runs alone, in this thread."""
         future: Future[ClassifyResult] = Future()
         self._enqueue(self._prepare(x, tol, max_iter, deadline_ms), future, None, alone=True)
         return future.result()
@@ -222,7 +222,7 @@ class Scheduler:
         with self._lock:
             if not self._running:
                 raise QueueFull("the scheduler is not running", retry_after=1.0)
-            # A lone input in an idle scheduler runs as one engine call in the caller's thread. On an
+            # One input in an idle scheduler runs as one engine call in the caller's thread. On an
             # event loop that blocks the loop; the next request of that loop runs alone only after the
             # loop has turned once (read its sockets, resumed its other callers), so a burst of
             # callers still meets in the shared batch.
@@ -388,7 +388,7 @@ class Scheduler:
         with self._lock:
             ready = [req for batch, _ in self._ready for req in batch]
             self._ready = []
-            # what still holds rows: batches being encoded and a lone request in its caller's thread
+            # what still holds rows: batches being encoded and a request running alone in its caller's thread
             self.policy.occupied = self._encoding_rows + self._alone_rows
             self._to_encode.notify()
         in_flight = [w.tag for w in self._active.clear()]

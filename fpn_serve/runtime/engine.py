@@ -37,7 +37,8 @@ log = logging.getLogger("fpn_serve")
 
 
 class Engine:
-    """A loaded model: three ONNX Runtime sessions and the fixed-point loop."""
+    """A loaded model: an ONNX Runtime session per graph of its folder (Q, T, S and the fused variants
+    it has) and the fixed-point loop between them."""
 
     def __init__(
         self,

@@ -2,10 +2,12 @@
 
 ``StepRunner`` keeps the active samples in the first ``n`` rows of two latent buffers (``u`` and
 ``u_next`` swap roles every iteration) and a ``z`` buffer, all bound once to ONNX Runtime through
-IOBinding. An iteration is one ``run_with_iobinding`` and nothing else: with the model's fused
-``step`` graph the per-sample residual and step size come out of the same run; without it they
-are computed from the two buffers in numpy. Nothing is allocated per iteration; bindings are
-rebuilt only when samples join or leave (compaction), which happens at most once per sample.
+IOBinding. With the model's fused ``step`` graph an iteration is one ``run_with_iobinding`` and
+nothing else: the per-sample residual and step size come out of the same run into buffers the
+runner owns, and on the CPU the bindings for each active count are built once and cached, so the
+runner allocates nothing per iteration. Without the fused graph the residual is computed from the
+two buffers in numpy, whose temporaries are allocated every iteration. Samples join and leave
+(compaction) at iteration boundaries, by a copy within the buffers.
 
 On CUDA the latent buffers live on the device and only the residual vector (a few bytes per
 sample) crosses to the host each iteration; joining and leaving go through the host.
