@@ -9,9 +9,10 @@ Public API::
 This package never imports torch.
 """
 
-from .runtime.engine import ClassifyResult, Engine
-from .errors import FPNServeError, ImageError, InputError, ModelError
+from .batching.scheduler import Scheduler
 from .contract.manifest import Manifest, load_manifest
+from .errors import FPNServeError, ImageError, InputError, ModelError, ModelNotFound, QueueFull
+from .runtime.engine import ClassifyResult, Engine
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,9 @@ __all__ = [
     "InputError",
     "Manifest",
     "ModelError",
+    "ModelNotFound",
+    "QueueFull",
+    "Scheduler",
     "__version__",
     "load_manifest",
 ]

@@ -12,10 +12,10 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from . import __version__
-from .http.app import ServerConfig, create_app, load_registry
-from .errors import FPNServeError
-from .settings import Settings, get_settings
 from .contract.store import default_store
+from .errors import FPNServeError
+from .http.app import create_app, load_models
+from .settings import Settings, get_settings
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s: %(message)s")
     try:
         paths = args.models or [default_store()]
-        config = ServerConfig.from_settings(settings, tuple(paths))
-        registry = load_registry(config)  # fail fast, with one clear line, before uvicorn starts
+        registry = load_models(settings, paths)  # fail fast, with one clear line, before uvicorn starts
     except FPNServeError as exc:
         print(f"fpn-serve: error: {exc}", file=sys.stderr)
         return 1
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("fpn_serve").info("draining for %.1f s before shutdown", settings.drain_s)
             threading.Timer(settings.drain_s, super().handle_exit, args=(sig, frame)).start()
 
-    app = create_app(config, registry)
+    app = create_app(settings, paths, registry)
     server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     return 0

@@ -11,6 +11,9 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .contract.images import DEFAULT_MAX_PIXELS
+from .runtime.request import DEFAULT_MAX_ITER_CAP
+
 
 class Settings(BaseSettings):
     """Every setting of ``fpn-serve``; the environment variable is ``FPN_SERVE_`` + the upper-case name."""
@@ -20,9 +23,9 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when it really initialises")
-    max_iter_cap: int = Field(default=1000, ge=1, description="largest max_iter a request may ask for")
+    max_iter_cap: int = Field(default=DEFAULT_MAX_ITER_CAP, ge=1, description="largest max_iter a request may ask for")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body")
-    max_pixels: int = Field(default=4096 * 4096, ge=1, description="largest image (width x height) decoded")
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="largest image (width x height) decoded")
     max_inputs: int = Field(default=256, ge=1, description="most inputs (images or JSON inputs) per request")
     max_queue: int = Field(default=1024, ge=1, description="requests waiting for the active batch before 503")
     threads: int = Field(
@@ -39,6 +42,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log verbosity"
     )
+
+    @property
+    def bearer_token(self) -> str | None:
+        """The token that requests must present, or None; an empty FPN_SERVE_TOKEN means none."""
+        return (self.token.get_secret_value() or None) if self.token is not None else None
 
 
 @lru_cache

@@ -10,7 +10,7 @@ flat in row-major order or nested) and optional request ``parameters`` ``tol``, 
 ``probabilities`` (FP32 [N, classes]), ``label`` (INT64 [N]), ``iterations`` (INT32 [N]),
 ``residual``, ``error_bound`` (FP32 [N]) and ``converged`` (BOOL [N]); a request's ``outputs``
 list selects some of them. Errors are ``{"error": "<message>"}`` with a 4xx status, as the
-protocol specifies.
+protocol specifies (``errors.STATUS`` gives each its status on these routes).
 """
 
 from __future__ import annotations
@@ -24,32 +24,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .. import __version__
-from .app import ModelRegistry, Registry, ServerConfig, json_floats, read_body, run_model
+from ..errors import InputError, LimitExceeded
 from ..runtime.engine import ClassifyResult, Engine
-from ..errors import InputError
-from ..batching.scheduler import QueueFull
+from .body import read_body
+from .deps import AppSettings, Registry
+from .errors import MalformedBody
+from .execute import run_model
+from .jsonable import json_floats
 
 OUTPUTS = ("logits", "probabilities", "label", "iterations", "residual", "converged", "error_bound")
 PARAMETERS = ("tol", "max_iter", "deadline_ms", "solver")
-
-
-class V2Error(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _error(message: str, status: int = 400) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
-
-
-def _engine(registry: ModelRegistry, name: str, version: str | None) -> Engine:
-    engine = registry.engines.get(name)
-    if engine is None:
-        raise V2Error(f"unknown model {name!r}; available: {', '.join(registry.engines)}", 404)
-    if version is not None and version != engine.manifest.version:
-        raise V2Error(f"model {name!r} has version {engine.manifest.version!r}, not {version!r}", 404)
-    return engine
 
 
 def _metadata(engine: Engine) -> dict[str, Any]:
@@ -77,17 +61,17 @@ def _parse_request(body: bytes, engine: Engine, max_inputs: int) -> tuple[np.nda
     try:
         doc = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise V2Error(f"the body is not valid JSON: {exc}") from exc
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
-        raise V2Error("the inference request must be a JSON object with an 'inputs' list")
+        raise InputError("the inference request must be a JSON object with an 'inputs' list")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise V2Error("'inputs' must hold exactly one tensor object {name, shape, datatype, data}")
+        raise InputError("'inputs' must hold exactly one tensor object {name, shape, datatype, data}")
     tensor = inputs[0]
     shape, datatype, data = tensor.get("shape"), tensor.get("datatype"), tensor.get("data")
     want = [-1, *engine.manifest.input.shape]
     if datatype != "FP32":
-        raise V2Error(f"input datatype {datatype!r} is not supported; send FP32")
+        raise InputError(f"input datatype {datatype!r} is not supported; send FP32")
     if (
         not isinstance(shape, list)
         or len(shape) != len(want)
@@ -95,31 +79,31 @@ def _parse_request(body: bytes, engine: Engine, max_inputs: int) -> tuple[np.nda
         or shape[1:] != want[1:]
         or shape[0] < 1
     ):
-        raise V2Error(f"input shape {shape!r} does not match the model's [N, {', '.join(map(str, want[1:]))}]")
+        raise InputError(f"input shape {shape!r} does not match the model's [N, {', '.join(map(str, want[1:]))}]")
     if shape[0] > max_inputs:
-        raise V2Error(f"{shape[0]} inputs in one request; at most {max_inputs} are allowed", 413)
+        raise LimitExceeded(f"{shape[0]} inputs in one request; at most {max_inputs} are allowed")
     if not isinstance(data, list):
-        raise V2Error("input 'data' must be a list of numbers (flat row-major or nested)")
+        raise InputError("input 'data' must be a list of numbers (flat row-major or nested)")
     try:
         arr = np.asarray(data, dtype=np.float32)
     except (ValueError, TypeError) as exc:
-        raise V2Error(f"input 'data' must hold only numbers: {exc}") from exc
+        raise InputError(f"input 'data' must hold only numbers: {exc}") from exc
     if arr.size != math.prod(shape):
-        raise V2Error(f"input 'data' has {arr.size} elements; shape {shape} needs {math.prod(shape)}")
+        raise InputError(f"input 'data' has {arr.size} elements; shape {shape} needs {math.prod(shape)}")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
-        raise V2Error("'parameters' must be an object")
+        raise InputError("'parameters' must be an object")
     # other parameters (tritonclient adds binary_data_output, for one) are ignored, as the protocol allows
     params = {k: v for k, v in params.items() if k in PARAMETERS}
     requested = doc.get("outputs")
     names = list(OUTPUTS)
     if requested is not None:
         if not isinstance(requested, list) or not all(isinstance(o, dict) and "name" in o for o in requested):
-            raise V2Error("'outputs' must be a list of objects with a 'name'")
+            raise InputError("'outputs' must be a list of objects with a 'name'")
         names = [o["name"] for o in requested]
         bad = [n for n in names if n not in OUTPUTS]
         if bad:
-            raise V2Error(f"unknown outputs {bad}; available: {', '.join(OUTPUTS)}")
+            raise InputError(f"unknown outputs {bad}; available: {', '.join(OUTPUTS)}")
     return arr.reshape(shape), params, names, doc.get("id")
 
 
@@ -141,81 +125,64 @@ def _tensors(result: ClassifyResult, names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def build_router(config: ServerConfig) -> APIRouter:
-    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 
-    @router.get("/health/live", summary="v2 liveness")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
 
-    @router.get("/health/ready", summary="v2 readiness: every model loaded")
-    async def ready(registry: Registry) -> JSONResponse:
-        ok = bool(registry.engines) and bool(registry.schedulers) and not registry.draining
-        return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
+@router.get("/health/live", summary="v2 liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
 
-    @router.get("", summary="v2 server metadata")
-    async def server_metadata() -> dict[str, Any]:
-        return {"name": "fpn-serve", "version": __version__, "extensions": []}
 
-    @router.get("/models/{name}", summary="v2 model metadata")
-    @router.get("/models/{name}/versions/{version}", summary="v2 model metadata (one version)")
-    async def model_metadata(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
-        try:
-            return JSONResponse(_metadata(_engine(registry, name, version)))
-        except V2Error as exc:
-            return _error(str(exc), exc.status)
+@router.get("/health/ready", summary="v2 readiness: every model loaded")
+async def ready(registry: Registry) -> JSONResponse:
+    ok = registry.ready()
+    return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
 
-    @router.get("/models/{name}/ready", summary="v2 model readiness")
-    @router.get("/models/{name}/versions/{version}/ready", summary="v2 model readiness (one version)")
-    async def model_ready(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
-        try:
-            engine = _engine(registry, name, version)
-        except V2Error as exc:
-            return _error(str(exc), exc.status)
-        ok = engine.name in registry.schedulers and not registry.draining
-        return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
 
-    @router.post("/models/{name}/infer", summary="v2 inference")
-    @router.post("/models/{name}/versions/{version}/infer", summary="v2 inference (one version)")
-    async def infer(request: Request, registry: Registry, name: str, version: str | None = None) -> JSONResponse:
-        try:
-            engine = _engine(registry, name, version)
-            body = await read_body(request, config.max_body_bytes)
-            x, params, names, request_id = _parse_request(body, engine, config.max_inputs)
-            tol, max_iter = params.get("tol"), params.get("max_iter")
-            if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1):
-                raise V2Error(f"parameter tol must be a number with 0 < tol <= 1, got {tol!r}")
-            if max_iter is not None and (
-                isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter <= config.max_iter_cap
-            ):
-                raise V2Error(
-                    f"parameter max_iter must be an integer from 1 to {config.max_iter_cap}, got {max_iter!r}"
-                )
-            solver = params.get("solver", "fixed_point")
-            deadline_ms = params.get("deadline_ms")
-            result = await run_model(registry, engine, x, tol, max_iter, solver, deadline_ms, config)
-        except V2Error as exc:
-            return _error(str(exc), exc.status)
-        except InputError as exc:
-            return _error(str(exc), 413 if exc.status == 413 else 400)
-        except QueueFull as exc:
-            return JSONResponse(
-                status_code=503,
-                content={"error": str(exc)},
-                headers={"Retry-After": str(max(1, round(exc.retry_after)))},
-            )
-        except Exception as exc:
-            status = getattr(exc, "status_code", None)
-            if isinstance(status, int) and 400 <= status < 500:  # e.g. the body-size limit
-                return _error(str(getattr(exc, "detail", exc)), status)
-            raise
-        answer: dict[str, Any] = {
-            "model_name": engine.name,
-            "model_version": engine.manifest.version,
-            "outputs": _tensors(result, names),
-        }
-        if request_id is not None:
-            answer["id"] = request_id
-        return JSONResponse(answer)
+@router.get("", summary="v2 server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "fpn-serve", "version": __version__, "extensions": []}
 
-    return router
+
+@router.get("/models/{name}", summary="v2 model metadata")
+@router.get("/models/{name}/versions/{version}", summary="v2 model metadata (one version)")
+async def model_metadata(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
+    return JSONResponse(_metadata(registry.get(name, version)))
+
+
+@router.get("/models/{name}/ready", summary="v2 model readiness")
+@router.get("/models/{name}/versions/{version}/ready", summary="v2 model readiness (one version)")
+async def model_ready(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
+    engine = registry.get(name, version)
+    ok = registry.ready(engine.name)
+    return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
+
+
+@router.post("/models/{name}/infer", summary="v2 inference")
+@router.post("/models/{name}/versions/{version}/infer", summary="v2 inference (one version)")
+async def infer(
+    request: Request, registry: Registry, settings: AppSettings, name: str, version: str | None = None
+) -> JSONResponse:
+    engine = registry.get(name, version)
+    body = await read_body(request.receive)
+    x, params, names, request_id = _parse_request(body, engine, settings.max_inputs)
+    tol, max_iter = params.get("tol"), params.get("max_iter")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1):
+        raise InputError(f"parameter tol must be a number with 0 < tol <= 1, got {tol!r}")
+    if max_iter is not None and (
+        isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter <= settings.max_iter_cap
+    ):
+        raise InputError(f"parameter max_iter must be an integer from 1 to {settings.max_iter_cap}, got {max_iter!r}")
+    solver = params.get("solver", "fixed_point")
+    deadline_ms = params.get("deadline_ms")
+    result = await run_model(
+        registry, engine, x, tol, max_iter, solver, deadline_ms, settings.request_timeout_s, request.receive
+    )
+    answer: dict[str, Any] = {
+        "model_name": engine.name,
+        "model_version": engine.manifest.version,
+        "outputs": _tensors(result, names),
+    }
+    if request_id is not None:
+        answer["id"] = request_id
+    return JSONResponse(answer)

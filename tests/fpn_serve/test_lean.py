@@ -22,7 +22,9 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from fpn_serve.http import lean
-from fpn_serve.http.app import LeanClassify, ServerConfig, create_app, load_registry
+from fpn_serve.http.app import create_app, load_models
+from fpn_serve.http.classify import LeanClassify
+from fpn_serve.settings import Settings
 
 
 class Client:
@@ -88,11 +90,9 @@ IMAGES = [
 @pytest.fixture(scope="module")
 def clients(shipped_model: Path) -> Iterator[tuple[Client, Client, list[int]]]:
     """(lean app, the same app with the lean path removed, how often the lean app fell back)."""
-    config = ServerConfig(
-        model_paths=(shipped_model,), device="cpu", max_body_bytes=200_000, max_pixels=512 * 512, max_inputs=3
-    )
-    registry = load_registry(config)
-    lean_app, general_app = create_app(config, registry), create_app(config, registry)
+    settings = Settings(device="cpu", max_body_bytes=200_000, max_pixels=512 * 512, max_inputs=3)
+    registry = load_models(settings, [shipped_model])
+    lean_app, general_app = create_app(settings, registry=registry), create_app(settings, registry=registry)
     fallbacks = [0]
     for app, keep in ((lean_app, True), (general_app, False)):
         route = next(r for r in app.router.routes if getattr(r, "path", None) == "/classify")

@@ -160,11 +160,11 @@ def test_help_never_prints_the_token() -> None:
 
 
 def test_an_empty_token_means_no_token() -> None:
-    from fpn_serve.http.app import ServerConfig
     from fpn_serve.settings import Settings
 
-    assert ServerConfig.from_settings(Settings(token=""), ()).token is None
-    assert ServerConfig.from_settings(Settings(token="x"), ()).token == "x"
+    assert Settings(token="").bearer_token is None
+    assert Settings(token="x").bearer_token == "x"
+    assert Settings().bearer_token is None
 
 
 def test_a_bad_environment_variable_is_one_clear_line() -> None:
