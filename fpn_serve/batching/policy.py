@@ -77,14 +77,15 @@ class QueuePolicy(Generic[Item]):
         return min(now + self.slack * service, request.deadline)
 
     def may_run_alone(self, request: Prepared) -> bool:
-        """Alone in an idle scheduler there is nothing to share a batch with: one short input with
-        no deadline runs as one engine call in its caller's thread. Takes its room if so."""
+        """Alone in an idle scheduler there is nothing to share a batch with: one short, plain input
+        (no deadline, certified stop, trace or warm start) runs as one engine call in its caller's
+        thread. Takes its room if so."""
         alone = (
             self.occupied == 0
             and not self._waiting
             and request.rows == 1
             and request.max_iter <= ALONE_MAX_ITER
-            and not request.timed
+            and request.plain
         )
         if alone:
             self.occupied = 1

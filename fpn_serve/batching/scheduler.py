@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -204,6 +205,8 @@ class Scheduler:
         self, x: Prepared | Any, tol: float | None, max_iter: int | None, deadline_ms: float | None
     ) -> Prepared:
         prepared = x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, deadline_ms=deadline_ms)
+        if prepared.solver != "fixed_point":
+            raise InputError(f"the shared batch runs the fixed_point solver, not {prepared.solver!r}; use engine.run")
         if prepared.rows > self.max_active:
             raise InputError(f"{prepared.rows} inputs in one request; this scheduler runs at most {self.max_active}")
         return prepared
@@ -328,10 +331,12 @@ class Scheduler:
                 self._fail_all(exc, joining)
 
     def _admit(self, requests: list[_Request], z: np.ndarray) -> None:
-        self._runner.add(z)
+        self._runner.add(z, _starts(requests, z))
         for req in requests:
             p = req.prepared
-            req.work = self._active.admit(p.rows, p.tol, p.max_iter, p.deadline, tag=req)
+            req.work = self._active.admit(
+                p.rows, p.tol, p.max_iter, p.deadline, tag=req, certify=p.stop == "certified", trace=p.trace
+            )
             if req.future.done():  # given up on while it was encoded: it leaves at once
                 self._active.abandon(req.work)
         self._counts["admitted"] += len(requests)
@@ -343,7 +348,7 @@ class Scheduler:
         r, st = self._runner.step()
         self.policy.observe_iteration(time.perf_counter() - began)
         self._counts["iterations"] += 1
-        keep, finished = self._active.advance(r, st, self._runner.current)
+        keep, finished = self._active.advance(r, st, self._runner.current, self._inspect)
         if keep is None:
             return
         self._runner.keep(keep)
@@ -355,6 +360,9 @@ class Scheduler:
         self._counts["evicted"] += len(finished) - len(answered)
         if answered:
             self._answer(answered)
+
+    def _inspect(self, mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.engine.inspect(self._runner.current(mask), steps)
 
     def _answer(self, finished: list[Work]) -> None:
         """S for every finished request in one run, then each caller gets its own slice."""
@@ -372,14 +380,15 @@ class Scheduler:
             )
             tols = np.concatenate([np.full(len(w.out.iterations), w.tol, np.float32) for w in finished])
         try:
-            result = self.engine.decode(out, tols)
+            result = self.engine.decode(out, tols, finished[0].out.trace if len(finished) == 1 else None)
         except Exception as exc:
             settle([(req, exc) for req in reqs])
             return
         if len(reqs) == 1:
             settle([(reqs[0], result)])
         else:
-            settle(list(zip(reqs, _split(result, [r.prepared.rows for r in reqs]), strict=True)))
+            parts = _split(result, [r.prepared.rows for r in reqs])
+            settle([(w.tag, part.with_trace(w.out.trace)) for w, part in zip(finished, parts, strict=True)])
         self._counts["answered"] += len(reqs)
 
     def _fail_all(self, exc: Exception, joining: list[_Request]) -> None:
@@ -400,22 +409,19 @@ class Scheduler:
 
 def _split(result: ClassifyResult, rows: list[int]) -> list[ClassifyResult]:
     """One result per request, by consecutive row counts; one softmax for all of them."""
-    probabilities = result.probabilities
-    parts = []
-    start = 0
-    for n in rows:
-        sl = slice(start, start + n)
-        start += n
-        parts.append(
-            ClassifyResult(
-                labels=result.labels[sl],
-                logits=result.logits[sl],
-                iterations=result.iterations[sl],
-                residuals=result.residuals[sl],
-                converged=result.converged[sl],
-                error_bounds=result.error_bounds[sl],
-                names=result.names,
-                probabilities=probabilities[sl],
-            )
-        )
-    return parts
+    result.probabilities  # noqa: B018 -- computed once here, then sliced
+    bounds = np.cumsum([0, *rows]).tolist()
+    return [result.take(slice(a, b)) for a, b in itertools.pairwise(bounds)]
+
+
+def _starts(requests: list[_Request], z: np.ndarray) -> np.ndarray | None:
+    """The warm starts of requests encoded together, zeros for those without one; None if none has one."""
+    starts = [r.prepared.u0 for r in requests]
+    if all(u0 is None for u0 in starts):
+        return None
+    return np.concatenate(
+        [
+            np.zeros((r.prepared.rows, *z.shape[1:]), np.float32) if u0 is None else u0
+            for r, u0 in zip(requests, starts, strict=True)
+        ]
+    )

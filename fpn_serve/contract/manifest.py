@@ -66,6 +66,16 @@ class SolverDefaults:
 
 
 @dataclass(frozen=True)
+class Certificate:
+    """What certifies a label: ``pair_lipschitz[i][j]`` bounds how far the logit difference
+    ``l_i - l_j`` can move per unit of ||u - u'||_2 (for an affine S, ``||s_i - s_j||_2``, the
+    norm of the difference of two rows of its weight matrix)."""
+
+    method: str
+    pair_lipschitz: tuple[tuple[float, ...], ...]  # [classes, classes], symmetric, zero diagonal
+
+
+@dataclass(frozen=True)
 class Manifest:
     name: str
     graphs: dict[str, GraphRef]
@@ -79,6 +89,7 @@ class Manifest:
     provenance: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
     precision: dict[str, Any] = field(default_factory=dict)
+    certificate: Certificate | None = None  # None: labels are never certified
 
     @property
     def precision_name(self) -> str:
@@ -140,6 +151,7 @@ class Manifest:
                 provenance=provenance,
                 calibration=calibration,
                 precision=_optional_obj(data, "precision"),
+                certificate=_certificate(data.get("certificate"), len(labels)),
             )
         except (TypeError, ValueError) as exc:  # a value of the wrong JSON type
             raise ModelError(f"manifest is malformed: {exc}") from exc
@@ -164,6 +176,26 @@ def _input_spec(inp: dict[str, Any]) -> InputSpec:
     if len(spec.mean) != channels or len(spec.std) != channels or min(spec.std) <= 0:
         raise ModelError(f"input.mean and input.std need one value per channel ({channels}), std > 0")
     return spec
+
+
+def _certificate(raw: Any, classes: int) -> Certificate | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ModelError("certificate must be an object")
+    rows = raw.get("pair_lipschitz")
+    if (
+        not isinstance(rows, list)
+        or len(rows) != classes
+        or not all(isinstance(r, list) and len(r) == classes for r in rows)
+        or not all(_number(v) and math.isfinite(v) and v >= 0 for r in rows for v in r)
+    ):
+        raise ModelError(f"certificate.pair_lipschitz must be a {classes} x {classes} table of finite numbers >= 0")
+    return Certificate(str(raw.get("method", "")), tuple(tuple(float(v) for v in r) for r in rows))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _obj(d: dict[str, Any], key: str) -> dict[str, Any]:

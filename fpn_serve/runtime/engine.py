@@ -24,7 +24,8 @@ import onnxruntime as ort
 
 from ..contract.manifest import Manifest, load_manifest
 from ..errors import ModelError
-from .active import ActiveSet, SolveOutput
+from .active import ActiveSet, SolveOutput, Trace
+from .certificate import LabelCertifier
 from .providers import CUDA_PROVIDER, choose_providers, session_options
 from .request import DEFAULT_MAX_ITER_CAP, Prepared, RequestRules
 from .result import ClassifyResult, softmax
@@ -61,10 +62,8 @@ class Engine:
         single = sessions.get("fpn1") if device == "cpu" else None
         self._single = None if single is None else _OneInput(single, manifest.input.shape, len(manifest.labels))
         self._latent = tuple(manifest.latent_shape)
-        gamma = manifest.contraction.gamma
         # ||u_k - u*|| <= gamma / (1 - gamma) * ||u_k - u_{k-1}|| for a gamma-contraction
-        self._bound_factor = gamma / (1.0 - gamma) if gamma < 1 else float("inf")
-        self._bound_factor_f32 = np.float32(self._bound_factor)
+        self.certifier = LabelCertifier(manifest)
 
     @classmethod
     def load(
@@ -136,9 +135,14 @@ class Engine:
         solver: str = "fixed_point",
         deadline_ms: float | None = None,
         started: float | None = None,
+        stop: str = "tol",
+        trace: bool = False,
+        u0: Any = None,
     ) -> Prepared:
         """Validate a request once (see ``RequestRules.prepare``); raises InputError."""
-        return self.rules.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started)
+        return self.rules.prepare(
+            x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started, stop=stop, trace=trace, u0=u0
+        )
 
     def validate_inputs(self, x: Any) -> np.ndarray:
         """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""
@@ -156,6 +160,9 @@ class Engine:
         *,
         solver: str = "fixed_point",
         deadline_ms: float | None = None,
+        stop: str = "tol",
+        trace: bool = False,
+        u0: Any = None,
     ) -> ClassifyResult:
         """Classify normalised inputs ``x`` [batch, *input_shape]; ``None`` takes the manifest default.
 
@@ -164,10 +171,15 @@ class Engine:
         (unless a sample reaches an exact fixed point). ``solver`` is ``fixed_point`` or
         ``anderson``. With ``deadline_ms``, samples still running when that many milliseconds have
         passed since the call began stop at the next iteration boundary and answer with their
-        current iterate (``converged`` False unless they met tol). Raises InputError for a bad
-        array or parameter.
+        current iterate (``converged`` False unless they met tol). ``stop="certified"`` stops each
+        sample at its first certified label (``result.certified``) or max_iter; ``trace`` records
+        every iteration (``result.trace``); ``u0`` [batch, *latent] starts from there instead of
+        0 (the fixed point is unique: only the iterations change; ``result.latents`` of one call
+        is the ``u0`` of the next, for a stream). Raises InputError for a bad array or parameter.
         """
-        return self.run(self.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms))
+        return self.run(
+            self.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, stop=stop, trace=trace, u0=u0)
+        )
 
     def classify_fixed(self, x: Any, iterations: int) -> ClassifyResult:
         """Run exactly ``iterations`` applications of T for every sample, with no early exit.
@@ -181,7 +193,7 @@ class Engine:
     def run(self, request: Prepared) -> ClassifyResult:
         """Execute a prepared request (nothing is checked again)."""
         x, tol, max_iter = request.x, request.tol, request.max_iter
-        if request.solver == "fixed_point" and not request.timed:
+        if request.plain:
             # the single-graph variants: Q, the loop and S in one ONNX Runtime call
             if self._single is not None and x.shape[0] == 1:
                 return self._report(*self._single.run(x, tol, max_iter), tol)
@@ -190,9 +202,17 @@ class Engine:
                     None, {"x": x, "tol": np.array(tol, np.float32), "max_iter": np.array(max_iter, np.int64)}
                 )
                 return self._report(logits, iterations.astype(np.int32), residuals, steps, tol)
-        deadline = request.deadline if request.timed else None
-        out = self.solve(self.encode(x), tol, max_iter, solver=request.solver, deadline=deadline)
-        return self.decode(out, tol)
+        out = self.solve(
+            self.encode(x),
+            tol,
+            max_iter,
+            solver=request.solver,
+            deadline=request.deadline if request.timed else None,
+            certify=request.stop == "certified",
+            trace=request.trace,
+            u0=request.u0,
+        )
+        return self.decode(out, tol, out.trace)
 
     def _report(
         self,
@@ -201,6 +221,8 @@ class Engine:
         residuals: np.ndarray,
         steps: np.ndarray,
         tol: float | np.ndarray,
+        latents: np.ndarray | None = None,
+        trace: Trace | None = None,
     ) -> ClassifyResult:
         return ClassifyResult(
             labels=logits.argmax(axis=1).astype(np.int64, copy=False),
@@ -208,15 +230,13 @@ class Engine:
             iterations=iterations,
             residuals=residuals,
             converged=residuals <= tol,
-            error_bounds=self._error_bounds(steps),
+            error_bounds=self.certifier.error_bounds(steps),
             names=self.manifest.labels,
+            steps=steps,
+            certifier=self.certifier,
+            latents=latents,
+            trace=trace,
         )
-
-    def _error_bounds(self, steps: np.ndarray) -> np.ndarray:
-        if math.isinf(self._bound_factor):  # no certificate (gamma >= 1): no finite bound
-            return np.full(steps.shape, np.inf, np.float32)
-        bounds: np.ndarray = (steps * self._bound_factor_f32).astype(np.float32, copy=False)
-        return bounds
 
     # -- the three stages, public so that a scheduler can interleave them -------------------
     def encode(self, x: np.ndarray) -> np.ndarray:
@@ -224,10 +244,16 @@ class Engine:
         z: np.ndarray = self._q.run(["z"], {"x": x})[0]
         return z
 
-    def decode(self, out: SolveOutput, tol: float | np.ndarray) -> ClassifyResult:
+    def decode(self, out: SolveOutput, tol: float | np.ndarray, trace: Trace | None = None) -> ClassifyResult:
         """S(u) and the per-sample report of a finished solve."""
         logits = self._s.run(["logits"], {"u": out.u})[0]
-        return self._report(logits, out.iterations, out.residuals, out.steps, tol)
+        return self._report(logits, out.iterations, out.residuals, out.steps, tol, out.u, trace)
+
+    def inspect(self, u: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The top labels and certified flags of iterates ``u`` [m, *latent] whose last steps were
+        ``steps`` [m] (an active set's ``inspect``)."""
+        logits = self._s.run(["logits"], {"u": u})[0]
+        return logits.argmax(axis=1), self.certifier.certified(logits, steps)
 
     def new_runner(self, capacity: int) -> StepRunner:
         """A step runner over this model's T (fused with its residual where the folder has one)."""
@@ -242,21 +268,31 @@ class Engine:
         *,
         solver: str = "fixed_point",
         deadline: float | None = None,
+        certify: bool = False,
+        trace: bool = False,
+        u0: np.ndarray | None = None,
     ) -> SolveOutput:
-        """Iterate u <- T(u, z) from 0 with per-sample early exit (compaction of the active batch).
-
-        ``deadline`` is an absolute ``time.perf_counter()`` value or None.
+        """Iterate u <- T(u, z) from ``u0`` (default 0) with per-sample early exit (compaction of
+        the active batch). ``deadline`` is an absolute ``time.perf_counter()`` value or None;
+        ``certify`` stops each sample at its first certified label instead of at ``tol``;
+        ``trace`` records every iteration (``SolveOutput.trace``).
         """
-        if solver == "anderson":
-            return anderson(self.apply_t, z, tol, max_iter, deadline=deadline)
         batch = z.shape[0]
         active = ActiveSet(batch, self._latent)
-        work = active.admit(batch, tol, max_iter, math.inf if deadline is None else deadline)
+        work = active.admit(
+            batch, tol, max_iter, math.inf if deadline is None else deadline, certify=certify, trace=trace
+        )
+        if solver == "anderson":
+            return anderson(self.apply_t, z, tol, max_iter, u0=u0, active=active, inspect=self.inspect)
         runner = self.new_runner(batch)
-        runner.add(z)
+        runner.add(z, u0)
+
+        def inspect(mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return self.inspect(runner.current(mask), steps)
+
         while active.n:
             r, st = runner.step()
-            keep, _ = active.advance(r, st, runner.current)
+            keep, _ = active.advance(r, st, runner.current, inspect)
             if keep is not None and active.n:
                 runner.keep(keep)
         return work.out

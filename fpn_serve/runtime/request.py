@@ -21,6 +21,7 @@ from ..errors import InputError
 DEFAULT_MAX_ITER_CAP = 1000  # the largest max_iter a request may ask for, unless the server says otherwise
 MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow the network
 SOLVERS = ("fixed_point", "anderson")
+STOPS = ("tol", "certified")  # stop at the tolerance, or at the first certified label
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,9 @@ class Prepared:
     max_iter: int  # 1 <= max_iter <= the engine's cap
     solver: str = "fixed_point"  # one of SOLVERS
     deadline: float = math.inf  # absolute time.perf_counter() seconds; inf for none
+    stop: str = "tol"  # one of STOPS
+    trace: bool = False  # record every iteration's residual, label and certificate
+    u0: np.ndarray | None = None  # float32 [batch, *latent] warm start; None: u = 0
 
     @property
     def rows(self) -> int:
@@ -41,12 +45,26 @@ class Prepared:
     def timed(self) -> bool:
         return self.deadline != math.inf
 
+    @property
+    def plain(self) -> bool:
+        """A fixed-point solve from u = 0 at a tolerance, with nothing to record: what the
+        single-graph variants (FPN.onnx, FPN1.onnx) answer in one call."""
+        return (
+            self.solver == "fixed_point"
+            and self.deadline == math.inf
+            and self.stop == "tol"
+            and not self.trace
+            and self.u0 is None
+        )
+
 
 class RequestRules:
     """What a request to one model may ask for: its input shape, its defaults and the max_iter cap."""
 
     def __init__(self, manifest: Manifest, max_iter_cap: int = DEFAULT_MAX_ITER_CAP) -> None:
         self.input_shape = tuple(manifest.input.shape)
+        self.latent_shape = tuple(manifest.latent_shape)
+        self.certifies = manifest.certificate is not None and manifest.contraction.gamma < 1
         self.default_tol = manifest.solver.tol
         self.max_iter_cap = max_iter_cap
         self.default_max_iter = min(manifest.solver.max_iter, max_iter_cap)
@@ -60,9 +78,14 @@ class RequestRules:
         solver: str = "fixed_point",
         deadline_ms: float | None = None,
         started: float | None = None,
+        stop: str = "tol",
+        trace: bool = False,
+        u0: Any = None,
     ) -> Prepared:
         """Check everything once; ``None`` takes the model's default. The deadline counts from
-        ``started`` (a ``time.perf_counter()`` value; default: now). Raises InputError."""
+        ``started`` (a ``time.perf_counter()`` value; default: now). ``stop="certified"`` stops
+        each input at its first certified label (a model whose manifest has a certificate);
+        ``u0`` [batch, *latent] starts the iteration there instead of at 0. Raises InputError."""
         if started is None:
             started = time.perf_counter()
         arr = self.validate_inputs(x)
@@ -78,7 +101,25 @@ class RequestRules:
             ):
                 raise InputError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
             deadline = started + deadline_ms / 1000.0
-        return Prepared(arr, tol, max_iter, solver, deadline)
+        if stop not in STOPS:
+            raise InputError(f"unknown stop {stop!r}; choose one of {', '.join(STOPS)}")
+        if stop == "certified" and not self.certifies:
+            raise InputError("stop=certified needs a model whose manifest certifies labels; this one does not")
+        if not isinstance(trace, bool):
+            raise InputError(f"trace must be true or false, got {trace!r}")
+        return Prepared(arr, tol, max_iter, solver, deadline, stop, trace, self._start(u0, arr.shape[0]))
+
+    def _start(self, u0: Any, rows: int) -> np.ndarray | None:
+        if u0 is None:
+            return None
+        want = (rows, *self.latent_shape)
+        if not isinstance(u0, np.ndarray) or u0.dtype.kind != "f" or u0.shape != want:
+            got = list(u0.shape) if isinstance(u0, np.ndarray) else type(u0).__name__
+            raise InputError(f"u0 must be a float array of shape {list(want)} (one latent per input), got {got}")
+        start: np.ndarray = np.ascontiguousarray(u0, dtype=np.float32)
+        if not np.isfinite(start).all():
+            raise InputError("u0 contains NaN or infinite values")
+        return start
 
     def validate_inputs(self, x: Any) -> np.ndarray:
         """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""

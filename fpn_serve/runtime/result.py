@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import overload
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
+from .active import Trace
 
-class _Softmax:
-    """``ClassifyResult.probabilities``: as given, or else the softmax of the result's logits,
-    computed when first read (a caller that needs only labels or logits does not pay for it)."""
+if TYPE_CHECKING:
+    from .certificate import LabelCertifier
+
+
+class _Derived:
+    """A ``ClassifyResult`` field that may be passed in, or else is computed from the result's other
+    fields when first read (a caller that never reads it does not pay for it)."""
+
+    def __init__(self, compute: Callable[[ClassifyResult], np.ndarray]) -> None:
+        self._compute = compute
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._slot = "_" + name
@@ -24,19 +33,28 @@ class _Softmax:
             return None  # the dataclass default: compute on demand
         value: np.ndarray | None = obj.__dict__.get(self._slot)
         if value is None:
-            value = obj.__dict__[self._slot] = softmax(obj.logits)  # a cache: the result stays as it was
+            value = obj.__dict__[self._slot] = self._compute(obj)  # a cache: the result stays as it was
         return value
 
     def __set__(self, obj: ClassifyResult, value: np.ndarray | None) -> None:
         obj.__dict__[self._slot] = value
 
 
+def _certified(result: ClassifyResult) -> np.ndarray:
+    if result.certifier is None or result.steps is None:
+        return np.zeros(len(result.labels), bool)
+    return result.certifier.certified(result.logits, result.steps)
+
+
 @dataclass(frozen=True)
 class ClassifyResult:
     """Per-input results of one ``classify`` call, in input order (arrays of length batch).
 
-    ``probabilities`` (float32 [B, classes], the softmax of the logits) may be passed in; if not,
-    it is computed from ``logits`` when first read.
+    ``probabilities`` (float32 [B, classes], the softmax of the logits) and ``certified`` (bool
+    [B]: the label is provably that of the exact fixed point, see ``certificate.py``) may be
+    passed in; if not, they are computed when first read. ``latents`` are the final iterates
+    where the path that ran keeps them (the step loop; a warm start's next ``u0``), ``trace`` the
+    per-iteration record of a request that asked for one.
     """
 
     labels: np.ndarray  # int64 [B], index into ``names``
@@ -46,7 +64,36 @@ class ClassifyResult:
     converged: np.ndarray  # bool [B], residual <= tol
     error_bounds: np.ndarray  # float32 [B], certified bound on ||u - u*|| from gamma and the last step
     names: tuple[str, ...]  # label names of the model, by class index
-    probabilities: _Softmax = _Softmax()  # float32 [B, classes]
+    probabilities: _Derived = _Derived(lambda r: softmax(r.logits))  # float32 [B, classes]
+    certified: _Derived = _Derived(_certified)  # bool [B]
+    steps: np.ndarray | None = field(default=None, repr=False, compare=False)  # float32 [B], last ||u_k - u_(k-1)||
+    certifier: LabelCertifier | None = field(default=None, repr=False, compare=False)
+    latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # float32 [B, *latent]
+    trace: Trace | None = field(default=None, repr=False, compare=False)
+
+    def with_trace(self, trace: Trace | None) -> ClassifyResult:
+        """The same result with ``trace`` (derived fields not yet read stay unread)."""
+        copy = object.__new__(ClassifyResult)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__["trace"] = trace
+        return copy
+
+    def take(self, rows: slice) -> ClassifyResult:
+        """The result of a consecutive range of its inputs."""
+        return ClassifyResult(
+            labels=self.labels[rows],
+            logits=self.logits[rows],
+            iterations=self.iterations[rows],
+            residuals=self.residuals[rows],
+            converged=self.converged[rows],
+            error_bounds=self.error_bounds[rows],
+            names=self.names,
+            probabilities=self.probabilities[rows],
+            steps=None if self.steps is None else self.steps[rows],
+            certifier=self.certifier,
+            latents=None if self.latents is None else self.latents[rows],
+            trace=None if self.trace is None else self.trace.take(rows),
+        )
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -55,14 +55,14 @@ class StepRunner:
         self._cache: dict[int, list[Any]] = {}
 
     # -- membership --------------------------------------------------------------------------
-    def add(self, z: np.ndarray) -> None:
-        """Append samples with injection ``z`` [m, *latent], starting from u = 0."""
+    def add(self, z: np.ndarray, u0: np.ndarray | None = None) -> None:
+        """Append samples with injection ``z`` [m, *latent], starting from ``u0`` (default u = 0)."""
         m = z.shape[0]
         if self.n + m > self.capacity:
             raise ValueError(f"{self.n + m} samples exceed the runner's capacity {self.capacity}")
         if self._cuda:
             self._pull()
-        self._u[self._cur][self.n : self.n + m] = 0.0
+        self._u[self._cur][self.n : self.n + m] = 0.0 if u0 is None else u0
         self._z[self.n : self.n + m] = z
         self.n += m
         self._rebind()

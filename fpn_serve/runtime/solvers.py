@@ -4,6 +4,7 @@ The residual they stop on is the contract's (``fpn_serve.contract.residual``).""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -21,25 +22,34 @@ def anderson(
     tol: float,
     max_iter: int,
     *,
+    deadline: float | None = None,
+    u0: np.ndarray | None = None,
+    active: ActiveSet | None = None,
+    inspect: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     memory: int = 5,
     beta: float = 1.0,
     lam: float = 1e-4,
-    deadline: float | None = None,
 ) -> SolveOutput:
-    """Anderson acceleration of u <- f(u, z) from u = 0, per sample, with early exit.
+    """Anderson acceleration of u <- f(u, z) from ``u0`` (default 0), per sample, with early exit.
 
-    Each iteration applies f once to every active sample and mixes the last ``memory`` pairs
-    (u_i, f(u_i)) by the weights that minimise the mixed residual (regularised by ``lam`` times
-    the residuals' mean squared norm). Stopping is the active set's (tol, max_iter, ``deadline``,
-    an absolute ``time.perf_counter()`` value); a stopped sample answers f(u), whose distance to
-    the fixed point is bounded by gamma / (1 - gamma) * ||f(u) - u|| like a plain step.
+    Stopping is the active set's: by default one of its own with ``tol``, ``max_iter`` and
+    ``deadline`` (an absolute ``time.perf_counter()`` value); or ``active``, holding one work of
+    ``len(z)`` rows admitted with its rules (then ``tol``, ``max_iter`` and ``deadline`` are
+    its), with ``inspect(u, steps)`` for the labels and certificates that a certified stop or a
+    trace needs. Each iteration applies f once to every active sample and mixes the last
+    ``memory`` pairs (u_i, f(u_i)) by the weights that minimise the mixed residual (regularised by
+    ``lam`` times the residuals' mean squared norm). A stopped sample answers f(u), whose
+    distance to the fixed point is bounded by gamma / (1 - gamma) * ||f(u) - u|| like a plain step.
     """
+    if active is None:
+        active = ActiveSet(z.shape[0], tuple(z.shape[1:]))
+        active.admit(z.shape[0], tol, max_iter, math.inf if deadline is None else deadline)
+    (work,) = active.works
     batch = z.shape[0]
+    max_iter = work.max_iter
     n_flat = int(np.prod(z.shape[1:]))
-    active = ActiveSet(batch, tuple(z.shape[1:]))
-    work = active.admit(batch, tol, max_iter, math.inf if deadline is None else deadline)
     za = z
-    u = np.zeros_like(z)
+    u = np.zeros_like(z) if u0 is None else u0.copy()
     xs = np.zeros((batch, memory, n_flat), np.float32)  # past inputs u_i
     gs = np.zeros((batch, memory, n_flat), np.float32)  # past residual vectors f(u_i) - u_i
     fs = np.zeros((batch, memory, n_flat), np.float32)  # past outputs f(u_i)
@@ -49,7 +59,9 @@ def anderson(
         g = flat_f - flat_u
         step = np.sqrt(np.einsum("ij,ij->i", g, g)).astype(np.float32)
         r = (step / (np.sqrt(np.einsum("ij,ij->i", flat_f, flat_f)) + RESIDUAL_EPS)).astype(np.float32)
-        keep, _ = active.advance(r, step, fu.__getitem__)
+        keep, _ = active.advance(
+            r, step, fu.__getitem__, None if inspect is None else functools.partial(_at, inspect, fu)
+        )
         if not active.n:
             break
         if keep is not None:
@@ -73,3 +85,13 @@ def anderson(
         mixed = np.einsum("bi,bin->bn", alpha, beta * fs[:, :m] + (1 - beta) * xs[:, :m])
         u = mixed.reshape(u.shape).astype(np.float32)
     return work.out
+
+
+def _at(
+    inspect: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    u: np.ndarray,
+    mask: np.ndarray,
+    steps: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``inspect`` of the iterates ``u[mask]``."""
+    return inspect(u[mask], steps)
