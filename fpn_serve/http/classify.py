@@ -216,9 +216,6 @@ async def classify(
     started = time.perf_counter()
     engine = registry.get(model)
     check_top_k(engine, top_k)
-    if max_iter is not None and max_iter > settings.max_iter_cap:
-        raise InputError(f"max_iter: must be from 1 to {settings.max_iter_cap} (got {max_iter})")
-    tol_used, max_iter_used = engine.resolve(tol, max_iter)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
         raise UnsupportedType(
@@ -240,12 +237,9 @@ async def classify(
             x = images_to_batch(blobs, spec, max_pixels=max_pixels)
         else:
             x = await run_in_threadpool(images_to_batch, blobs, spec, max_pixels=max_pixels)
-    if deadline_ms is not None:  # the deadline counts from the request's arrival
-        deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
-    result = await run_model(
-        registry, engine, x, tol_used, max_iter_used, solver, deadline_ms, settings.request_timeout_s, request.receive
-    )
-    return answer(engine, result, started, tol_used, max_iter_used, top_k)
+    prepared = engine.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started)
+    result = await run_model(registry, engine, prepared, settings.request_timeout_s, request.receive)
+    return answer(engine, result, started, prepared.tol, prepared.max_iter, top_k)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -273,11 +267,7 @@ class LeanClassify:
         registry, settings = state.registry, state.settings
         engines = registry.engines
         engine = next(iter(engines.values())) if query.model is None else engines.get(query.model)
-        if (
-            engine is None
-            or (query.top_k is not None and query.top_k > len(engine.manifest.labels))
-            or (query.max_iter is not None and query.max_iter > settings.max_iter_cap)
-        ):
+        if engine is None or (query.top_k is not None and query.top_k > len(engine.manifest.labels)):
             await self.general(scope, receive, send)
             return
         raw_type = _header(scope, b"content-type") or b""
@@ -293,15 +283,12 @@ class LeanClassify:
         if not blob or len(body) > INLINE_DECODE_BYTES:
             await self.general(scope, replay(body, receive), send)
             return
-        tol, max_iter = engine.resolve(query.tol, query.max_iter)
         x = images_to_batch([blob], engine.manifest.input, max_pixels=settings.max_pixels)
-        deadline_ms = query.deadline_ms
-        if deadline_ms is not None:  # the deadline counts from the request's arrival
-            deadline_ms = max(deadline_ms - (time.perf_counter() - started) * 1000, 1e-3)
-        result = await run_model(
-            registry, engine, x, tol, max_iter, query.solver, deadline_ms, settings.request_timeout_s, receive
+        prepared = engine.prepare(
+            x, query.tol, query.max_iter, solver=query.solver, deadline_ms=query.deadline_ms, started=started
         )
-        await answer(engine, result, started, tol, max_iter, query.top_k)(scope, receive, send)
+        result = await run_model(registry, engine, prepared, settings.request_timeout_s, receive)
+        await answer(engine, result, started, prepared.tol, prepared.max_iter, query.top_k)(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from ..batching.registry import ModelRegistry
 from ..runtime.engine import ClassifyResult, Engine
+from ..runtime.request import Prepared
 from .errors import TimedOut
 
 WATCH_AFTER_S = 0.005  # a request unanswered this long starts watching for its client's hang-up
@@ -92,25 +92,14 @@ async def within(work: Any, seconds: float) -> Any:
 
 
 async def run_model(
-    registry: ModelRegistry,
-    engine: Engine,
-    x: np.ndarray,
-    tol: float | None,
-    max_iter: int | None,
-    solver: str,
-    deadline_ms: float | None,
-    timeout_s: float,
-    receive: Receive | None = None,
+    registry: ModelRegistry, engine: Engine, request: Prepared, timeout_s: float, receive: Receive | None = None
 ) -> ClassifyResult:
-    """Answer one request: fixed-point requests share the model's active batch (the scheduler),
-    other solvers run on their own in a worker thread; both within ``timeout_s``."""
-    if solver == "fixed_point":
-        future = registry.schedulers[engine.name].submit_async(x, tol, max_iter, deadline_ms=deadline_ms)
+    """Answer one prepared request: fixed-point requests share the model's active batch (the
+    scheduler), other solvers run on their own in a worker thread; both within ``timeout_s``."""
+    if request.solver == "fixed_point":
+        future = registry.schedulers[engine.name].submit_async(request)
         result = await await_answer(future, timeout_s, receive)
     else:
-        result = await within(
-            run_in_threadpool(engine.classify, x, tol, max_iter, solver=solver, deadline_ms=deadline_ms),
-            timeout_s,
-        )
+        result = await within(run_in_threadpool(engine.run, request), timeout_s)
     registry.metrics.observe_result(engine.name, result)
     return result

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -163,21 +164,23 @@ async def model_ready(registry: Registry, name: str, version: str | None = None)
 async def infer(
     request: Request, registry: Registry, settings: AppSettings, name: str, version: str | None = None
 ) -> JSONResponse:
+    started = time.perf_counter()
     engine = registry.get(name, version)
     body = await read_body(request.receive)
     x, params, names, request_id = _parse_request(body, engine, settings.max_inputs)
-    tol, max_iter = params.get("tol"), params.get("max_iter")
+    tol = params.get("tol")
     if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1):
+        # as on /classify, a request's tol is positive (the runtime would take 0: run max_iter)
         raise InputError(f"parameter tol must be a number with 0 < tol <= 1, got {tol!r}")
-    if max_iter is not None and (
-        isinstance(max_iter, bool) or not isinstance(max_iter, int) or not 1 <= max_iter <= settings.max_iter_cap
-    ):
-        raise InputError(f"parameter max_iter must be an integer from 1 to {settings.max_iter_cap}, got {max_iter!r}")
-    solver = params.get("solver", "fixed_point")
-    deadline_ms = params.get("deadline_ms")
-    result = await run_model(
-        registry, engine, x, tol, max_iter, solver, deadline_ms, settings.request_timeout_s, request.receive
+    prepared = engine.prepare(
+        x,
+        tol,
+        params.get("max_iter"),
+        solver=params.get("solver", "fixed_point"),
+        deadline_ms=params.get("deadline_ms"),
+        started=started,
     )
+    result = await run_model(registry, engine, prepared, settings.request_timeout_s, request.receive)
     answer: dict[str, Any] = {
         "model_name": engine.name,
         "model_version": engine.manifest.version,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -242,3 +243,79 @@ def test_a_client_that_hangs_up_mid_body_leaves_no_traceback(shipped_model: Path
         assert client.get("/healthz").status_code == 200
     log = (tmp_path / "server.log").read_text()
     assert "Exception in ASGI application" not in log and "Traceback" not in log
+
+
+# --- abandoned work leaves the shared batch ------------------------------------------------------
+
+ENDLESS = 10**8  # iterations: minutes of work on a model that never meets tol=1e-9
+
+
+@pytest.fixture(scope="module")
+def never_done(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model whose residual is 1/k after k iterations: tol=1e-9 runs until max_iter."""
+    from .synthetic import linear_model
+
+    return linear_model(tmp_path_factory.mktemp("never") / "never", scale=1.0)
+
+
+def _active(client: httpx.Client) -> float:
+    return _metric(client.get("/metrics").text, "fpn_active_batch", model="never")
+
+
+def _until(condition: Any, seconds: float) -> float | None:
+    """Poll ``condition`` until it holds; the seconds that took, or None if it never did."""
+    import time
+
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if condition():
+            return time.monotonic() - started
+    return None
+
+
+ENDLESS_REQUESTS = [
+    ("/classify?tol=1e-9&max_iter=100000000", {"inputs": np.ones((2, 1, 2, 2)).tolist()}),
+    (
+        "/v2/models/never/infer",
+        {
+            "parameters": {"tol": 1e-9, "max_iter": ENDLESS},
+            "inputs": [{"name": "x", "shape": [2, 1, 2, 2], "datatype": "FP32", "data": [1.0] * 8}],
+        },
+    ),
+]
+
+
+def test_a_client_that_hangs_up_leaves_the_shared_batch(never_done: Path, tmp_path: Path) -> None:
+    import socket
+
+    from ..conftest import running_server  # type: ignore[import-not-found]
+
+    with running_server(never_done, tmp_path, {"FPN_SERVE_MAX_ITER_CAP": str(ENDLESS)}) as client:
+        port = client.base_url.port
+        assert port is not None
+        for target, doc in ENDLESS_REQUESTS:
+            body = json.dumps(doc).encode()
+            head = (
+                f"POST {target} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(head.encode() + body)
+                assert _until(lambda: _active(client) == 2, 10) is not None, target  # both rows iterate
+            # hung up: the rows leave at the scheduler's next iteration
+            took = _until(lambda: _active(client) == 0, 5)
+            print(f"{target}: the rows left {took} s after the hang-up")
+            assert took is not None and took < 0.25, (target, took)
+        assert client.get("/healthz").status_code == 200
+
+
+def test_a_timed_out_request_leaves_the_shared_batch(never_done: Path, tmp_path: Path) -> None:
+    from ..conftest import running_server  # type: ignore[import-not-found]
+
+    env = {"FPN_SERVE_MAX_ITER_CAP": str(ENDLESS), "FPN_SERVE_REQUEST_TIMEOUT_S": "0.3"}
+    with running_server(never_done, tmp_path, env) as client:
+        for target, doc in ENDLESS_REQUESTS:
+            r = client.post(target, json=doc)
+            assert r.status_code == 504 and "deadline_ms" in r.json()["error" if "/v2" in target else "detail"]
+            took = _until(lambda: _active(client) == 0, 5)
+            assert took is not None and took < 0.25, (target, took)
