@@ -236,7 +236,7 @@ def test_verify_passes_a_sound_folder_and_names_what_is_wrong(
         w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * np.float32(1.01), w.name))
     q, s = onnx.load(str(drifted / "Q.onnx")), onnx.load(str(drifted / "S.onnx"))
     onnx.save(build_single_loop_model(q, t, s), str(drifted / "FPN1.onnx"))
-    export_mod._finish_graph(drifted / "FPN1.onnx", "fp32", "fpn1", 18)
+    export_mod.finish_graph(drifted / "FPN1.onnx", "fp32", "fpn1", 18)
     manifest = json.loads((drifted / "manifest.json").read_text())
     manifest["graphs"]["fpn1"]["sha256"] = hashlib.sha256((drifted / "FPN1.onnx").read_bytes()).hexdigest()
     (drifted / "manifest.json").write_text(json.dumps(manifest))
@@ -315,3 +315,69 @@ def test_fp16_loops_keep_t_whole(folders: dict[str, Path]) -> None:
     model = onnx.load(str(folders["fp16"] / "FPN1.onnx"))
     (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
     assert any("z" in n.input for n in loop.attribute[0].g.node)
+
+
+def test_an_exported_mnist_manifest_says_its_images_are_light_on_dark(folders: dict[str, Path]) -> None:
+    for folder in folders.values():
+        assert json.loads((folder / "manifest.json").read_text())["input"]["dark_background"] is True
+        assert load_manifest(folder).input.dark_background is True
+
+
+def _ignoring_tol(folder: Path, stop_at: float) -> None:
+    """Rewrite ``folder``'s FPN1.onnx so that its loop stops at ``stop_at`` whatever tol it is given."""
+    q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
+    model = build_single_loop_model(q, t, s)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(stop_at, np.float32), "fixed_tol"))
+    (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+    (cond,) = [n for n in loop.attribute[0].g.node if n.name == "body/cond"]
+    cond.input[:] = [cond.input[0], "fixed_tol"]
+    onnx.save(model, str(folder / "FPN1.onnx"))
+    export_mod.finish_graph(folder / "FPN1.onnx", "fp32", "fpn1", 18)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["graphs"]["fpn1"]["sha256"] = hashlib.sha256((folder / "FPN1.onnx").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_holds_the_single_graph_loops_to_the_manifests_tol(
+    folders: dict[str, Path], tmp_path: Path, mnist_root: Path
+) -> None:
+    folder = tmp_path / "stuck"
+    shutil.copytree(folders["fp32"], folder)
+    _ignoring_tol(folder, 1e-4)  # right at 1e-4 only
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for tol, sound in ((1e-4, True), (1e-2, False)):
+        manifest["solver"]["tol"] = tol
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        problems = export_mod.verify(folder, None, mnist_root, 256)
+        if sound:
+            assert problems == []
+        else:
+            assert problems == [
+                "the single-graph FPN1.onnx loop and the three-graph loop disagree on iterations at tol=0.01"
+            ]
+
+
+def test_parity_counts_the_labels_that_really_differ(
+    checkpoint: Path, folders: dict[str, Path], mnist_root: Path
+) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.data import load_split
+
+    model, _, _ = load_checkpoint(checkpoint)
+    engine = Engine.load(folders["fp32"], device="cpu")
+    test = load_split("mnist", mnist_root, train=False, limit=256)
+    x = test.normalise(test.images).numpy()
+    tol, max_iter = engine.manifest.solver.tol, engine.manifest.solver.max_iter
+    exact = export_mod.check_parity(model, engine, x, tol, max_iter)
+    assert exact["label_disagreements"] == 0 and exact["max_logit_gap"] <= export_mod.LOGIT_ATOL
+    with torch.no_grad():  # S drifts from the exported graph: some labels change
+        model.S.weight.add_(0.5 * torch.randn(model.S.weight.shape, generator=torch.Generator().manual_seed(0)))
+        torch_labels = model(torch.from_numpy(x), tol, max_iter)[0].argmax(1).numpy()
+    differ = int((torch_labels != engine.classify(x, tol=tol, max_iter=max_iter).labels).sum())
+    assert 0 < differ < len(x)
+    record = export_mod.check_parity(
+        model, engine, x, tol, max_iter, atol=float("inf"), allowed_label_disagreements=len(x)
+    )
+    assert record["label_disagreements"] == differ
+    with pytest.raises(export_mod.ExportError, match=f"{differ} labels differ at tol="):
+        export_mod.check_parity(model, engine, x, tol, max_iter, atol=float("inf"))
