@@ -1,7 +1,8 @@
 """Prometheus metrics of one server process (``GET /metrics``), in a registry of their own.
 
 Requests by route and status with their latency; per answered input its iterations, its
-residual at exit and whether it converged; per model the active batch and the queue depth.
+residual at exit and whether it converged; per model the active batch, the queue depth and the
+requests given up on before their answer (timed out, or their client gone).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class Metrics:
         self.not_converged = Counter(
             "fpn_not_converged", "answered inputs that stopped before their tol", ["model"], registry=r
         )
+        self.abandoned = Counter(
+            "fpn_abandoned",
+            "requests given up on before their answer, by reason (timeout, client_gone)",
+            ["model", "reason"],
+            registry=r,
+        )
         self.active = Gauge("fpn_active_batch", "inputs in the model's active batch", ["model"], registry=r)
         self.queue = Gauge("fpn_queue_depth", "requests waiting to join the active batch", ["model"], registry=r)
         self._per_model: dict[str, tuple[Histogram, Histogram]] = {}
@@ -64,6 +71,9 @@ class Metrics:
         missed = len(result.converged) - int(np.count_nonzero(result.converged))
         if missed:
             self.not_converged.labels(model).inc(missed)
+
+    def observe_abandoned(self, model: str, reason: str) -> None:
+        self.abandoned.labels(model, reason).inc()
 
     def render(self, schedulers: dict[str, Scheduler]) -> bytes:
         for name, sched in schedulers.items():

@@ -306,7 +306,8 @@ def test_a_client_that_hangs_up_leaves_the_shared_batch(never_done: Path, tmp_pa
             took = _until(lambda: _active(client) == 0, 5)
             print(f"{target}: the rows left {took} s after the hang-up")
             assert took is not None and took < 0.25, (target, took)
-        assert client.get("/healthz").status_code == 200
+        gone = _metric(client.get("/metrics").text, "fpn_abandoned_total", model="never", reason="client_gone")
+        assert gone == 2 and client.get("/healthz").status_code == 200
 
 
 def test_a_timed_out_request_leaves_the_shared_batch(never_done: Path, tmp_path: Path) -> None:

@@ -138,3 +138,26 @@ def test_errors_before_routing_keep_the_v2_shape(server: httpx.Client) -> None:
     for r in (server.get("/v2/no/such/route"), server.post("/v2/health/live")):
         assert r.status_code in (404, 405) and set(r.json()) == {"error"}
     assert set(server.get("/no/such/route").json()) == {"detail"}  # elsewhere: FastAPI's shape
+
+
+def test_limits_and_timeouts_keep_the_v2_shape(server: httpx.Client) -> None:
+    big = b"{" + b" " * (4 * 1024 * 1024) + b"}"
+    r = server.post("/v2/models/mnist/infer", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and set(r.json()) == {"error"} and "at most 4194304" in r.json()["error"]
+    r = server.post("/v2/models/mnist/versions/2/infer", json=_request(X1))
+    assert r.status_code == 404 and "has version '1', not '2'" in r.json()["error"]
+    many = np.zeros((257, 1, 28, 28), np.float32)
+    r = server.post("/v2/models/mnist/infer", json=_request(many))
+    assert r.status_code == 413 and "at most 256" in r.json()["error"]
+
+
+def test_the_registry_raises_a_domain_error_not_an_http_one(shipped_model: Path) -> None:
+    from fpn_serve import FPNServeError, ModelNotFound
+    from fpn_serve.batching.registry import load_registry
+
+    registry = load_registry([shipped_model], device="cpu")
+    assert registry.get(None) is registry.get("mnist") is registry.get("mnist", "1")
+    for name, version, message in [("cifar", None, "available: mnist"), ("mnist", "2", "not '2'")]:
+        with pytest.raises(ModelNotFound, match=message) as info:
+            registry.get(name, version)
+        assert isinstance(info.value, FPNServeError) and not hasattr(info.value, "status_code")
