@@ -74,7 +74,8 @@ class Latent(nn.Module):
 
     def explicit(self, z: torch.Tensor) -> torch.Tensor:
         """The explicit twin's single latent layer: T applied once from u = 0."""
-        return self(torch.zeros_like(z), z)
+        u: torch.Tensor = self(torch.zeros_like(z), z)
+        return u
 
     def lipschitz_bound(self) -> float:
         """Certified bound on the contraction factor of T in u (from the spectral norms)."""
@@ -142,7 +143,8 @@ class ResidualLeakyLatent(Latent):
         return self.gamma * hidden @ w2.T + z
 
     def explicit(self, z: torch.Tensor) -> torch.Tensor:
-        return self(z, z)
+        u: torch.Tensor = self(z, z)
+        return u
 
     def lipschitz_bound(self) -> float:
         with torch.no_grad():

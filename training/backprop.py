@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from .fpn import FPN
-from .solvers import SolverInfo, residual
+from .solvers import ActiveSet, SolverInfo
 
 
 def jfb(
@@ -33,26 +33,17 @@ def unrolled(
 ) -> tuple[torch.Tensor, SolverInfo]:
     """Backpropagation through every iteration: exact for the iterate reached, memory grows with depth.
 
-    Each sample stops on its own residual (a stopped sample is carried unchanged), as in the solver.
+    Each sample stops on its own residual (a stopped sample is carried unchanged), by the solvers' ActiveSet.
     """
     z = model.Q(x)
     weights = model.T.weights()
     u = torch.zeros(z.shape[0], model.config.latent_dim, device=z.device, dtype=z.dtype)
-    batch = z.shape[0]
-    iterations = torch.zeros(batch, dtype=torch.int64, device=z.device)
-    res = torch.full((batch,), float("inf"), device=z.device)
-    active = torch.ones(batch, dtype=torch.bool, device=z.device)
+    stop = ActiveSet(z.shape[0], tol, z.device)
     for _ in range(max_iter):
-        u_next = model.T.apply_with(weights, u, z)
-        with torch.no_grad():
-            r = residual(u_next, u)
-        u = torch.where(active[:, None], u_next, u)
-        res = torch.where(active, r, res)
-        iterations += active.long()
-        active = active & (r > tol)
-        if not bool(active.any()):
+        u = stop.advance(model.T.apply_with(weights, u, z), u, u)
+        if stop.done:
             break
-    return model.S(u), SolverInfo(iterations, res, res <= tol)
+    return model.S(u), stop.info()
 
 
 def _adjoint_fixed_point(

@@ -10,13 +10,12 @@ from typing import Any
 import torch
 
 from .config import ModelConfig, TrainConfig, model_config_from_dict, train_config_from_dict
+from .errors import CheckpointError
 from .fpn import FPN
 
+__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+
 FORMAT = "fpn-checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or not one of ours; or an output cannot be written."""
 
 
 def _cpu(obj: Any) -> Any:

@@ -1,8 +1,9 @@
 """Forward solvers for u = f(u) in torch, behind one contract.
 
-Every solver takes ``(f, u0, tol, max_iter)`` and returns ``(u, SolverInfo)``; a converged sample
-stops being updated, so each sample's result is exactly what it would be alone in the batch. The
-residual is the one ``fpn_serve`` uses when serving (see ``fpn_serve.contract.RESIDUAL``).
+Every solver takes ``(f, u0, tol, max_iter)`` and returns ``(u, SolverInfo)``. Per-sample stopping
+is one ``ActiveSet`` that every loop steps (unrolled backprop too): a converged sample stops being
+updated, so each sample's result is exactly what it would be alone in the batch. The residual is
+the one ``fpn_serve`` uses when serving (see ``fpn_serve.contract.RESIDUAL``).
 """
 
 from __future__ import annotations
@@ -29,48 +30,61 @@ class SolverInfo:
 def residual(u_next: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per-sample ||u_next - u|| / (||u_next|| + eps) over all non-batch axes."""
     diff = (u_next - u).flatten(1).norm(dim=1)
-    return diff / (u_next.flatten(1).norm(dim=1) + RESIDUAL_EPS)
+    out: torch.Tensor = diff / (u_next.flatten(1).norm(dim=1) + RESIDUAL_EPS)
+    return out
 
 
-def _advance(
-    active: torch.Tensor,
-    new: torch.Tensor,
-    r: torch.Tensor,
-    kept: torch.Tensor,
-    res: torch.Tensor,
-    iterations: torch.Tensor,
-    tol: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample stopping, shared by the solvers: the active samples take ``new`` and its residual
-    ``r`` and count one iteration (in place); those with r <= tol stop. Returns (kept, res, active)."""
-    mask = active.view(-1, *([1] * (new.dim() - 1)))
-    kept = torch.where(mask, new, kept)
-    res = torch.where(active, r, res)
-    iterations += active.long()
-    return kept, res, active & (r > tol)
+class ActiveSet:
+    """Per-sample stopping for one solve, shared by every torch loop (the solvers, unrolled backprop).
+
+    Each sample counts its applications of the map and stops, on its own residual, once that is
+    <= tol; a stopped sample is carried unchanged, so its result does not depend on the batch.
+    """
+
+    def __init__(self, batch: int, tol: float, device: torch.device) -> None:
+        self.tol = tol
+        self.iterations = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.residual = torch.full((batch,), float("inf"), device=device)
+        self.active = torch.ones(batch, dtype=torch.bool, device=device)
+
+    def advance(self, new: torch.Tensor, previous: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """One step: the active samples take ``new`` (the map applied to ``previous``) and its residual
+        and count one iteration; those with residual <= tol stop. Returns ``kept`` updated. Where
+        ``new`` carries a graph the result does too; the residual never does."""
+        with torch.no_grad():
+            r = residual(new, previous)
+        mask = self.active.view(-1, *([1] * (new.dim() - 1)))
+        kept = torch.where(mask, new, kept)
+        self.residual = torch.where(self.active, r, self.residual)
+        self.iterations += self.active.long()
+        self.active = self.active & (r > self.tol)
+        return kept
+
+    @property
+    def done(self) -> bool:
+        return not bool(self.active.any())
+
+    def info(self) -> SolverInfo:
+        return SolverInfo(self.iterations, self.residual, self.residual <= self.tol)
 
 
 @torch.no_grad()
 def fixed_point(f: Map, u0: torch.Tensor, tol: float, max_iter: int) -> tuple[torch.Tensor, SolverInfo]:
     """Plain fixed-point iteration u <- f(u) with per-sample stopping."""
-    batch = u0.shape[0]
     u = u0
-    iterations = torch.zeros(batch, dtype=torch.int64, device=u0.device)
-    res = torch.full((batch,), float("inf"), device=u0.device)
-    active = torch.ones(batch, dtype=torch.bool, device=u0.device)
+    stop = ActiveSet(u0.shape[0], tol, u0.device)
     for _ in range(max_iter):
-        u_next = f(u)
-        u, res, active = _advance(active, u_next, residual(u_next, u), u, res, iterations, tol)
-        if not bool(active.any()):
+        u = stop.advance(f(u), u, u)
+        if stop.done:
             break
-    return u, SolverInfo(iterations, res, res <= tol)
+    return u, stop.info()
 
 
 @torch.no_grad()
 def anderson(
     f: Map, u0: torch.Tensor, tol: float, max_iter: int, memory: int = 5, lam: float = 1e-4
 ) -> tuple[torch.Tensor, SolverInfo]:
-    """Anderson acceleration with per-sample stopping (the algorithm of ``fpn_serve.runtime.solvers.anderson``).
+    """Anderson acceleration with per-sample stopping (the algorithm of ``fpn_serve``'s numpy Anderson solver).
 
     Each iteration applies f once and moves every active sample to the mix of its last ``memory``
     outputs f(u_i) whose residuals f(u_i) - u_i combine to the smallest norm (weights summing to 1,
@@ -83,16 +97,14 @@ def anderson(
     n = u0[0].numel()
     u = u0
     out = u0.clone()
-    iterations = torch.zeros(batch, dtype=torch.int64, device=dev)
-    res = torch.full((batch,), float("inf"), device=dev)
-    active = torch.ones(batch, dtype=torch.bool, device=dev)
+    stop = ActiveSet(batch, tol, dev)
     gs = torch.zeros(batch, memory, n, device=dev, dtype=u0.dtype)  # past residuals f(u_i) - u_i
     fs = torch.zeros(batch, memory, n, device=dev, dtype=u0.dtype)  # past outputs f(u_i)
     eye = torch.eye(memory, device=dev, dtype=u0.dtype)
     for k in range(1, max_iter + 1):
         fu = f(u)
-        out, res, active = _advance(active, fu, residual(fu, u), out, res, iterations, tol)
-        if not bool(active.any()):
+        out = stop.advance(fu, u, out)
+        if stop.done:
             break
         slot = (k - 1) % memory
         gs[:, slot] = (fu - u).flatten(1)
@@ -105,7 +117,7 @@ def anderson(
         sol = torch.linalg.solve(gram, torch.ones(batch, m, 1, device=dev, dtype=u0.dtype))[..., 0]
         alpha = sol / sol.sum(dim=1, keepdim=True)
         u = (alpha[:, None, :] @ fs[:, :m])[:, 0].view_as(u)
-    return out, SolverInfo(iterations, res, res <= tol)
+    return out, stop.info()
 
 
 SOLVERS: dict[str, Callable[..., tuple[torch.Tensor, SolverInfo]]] = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.train import random_affine, random_flip, random_shift
+from training.augment import random_affine, random_flip, random_shift
 
 
 def _images(n: int = 64) -> torch.Tensor:

