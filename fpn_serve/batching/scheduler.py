@@ -156,16 +156,16 @@ class Scheduler:
         x: Prepared | Any,
         tol: float | None = None,
         max_iter: int | None = None,
-        *,
-        deadline_ms: float | None = None,
+        **options: Any,
     ) -> Future[ClassifyResult]:
-        """Queue a request (a ``Prepared`` one, or inputs and parameters to prepare); the future
+        """Queue a request (a ``Prepared`` one, or inputs and parameters to prepare: ``options`` are
+        ``engine.prepare``'s, e.g. ``deadline_ms``, ``stop``, ``trace``, ``u0``); the future
         resolves to the same result ``engine.classify`` would give.
 
         Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
         """
         future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, deadline_ms), future, None, alone=False)
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=False)
         return future
 
     def submit_async(
@@ -173,8 +173,7 @@ class Scheduler:
         x: Prepared | Any,
         tol: float | None = None,
         max_iter: int | None = None,
-        *,
-        deadline_ms: float | None = None,
+        **options: Any,
     ) -> asyncio.Future[ClassifyResult]:
         """``submit`` for a caller on a running event loop: the answer comes as an asyncio future of
         that loop, and the answers that finish in one iteration reach the loop in one wake-up.
@@ -182,7 +181,7 @@ class Scheduler:
         shared batch at the next iteration."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ClassifyResult] = loop.create_future()
-        request = self._enqueue(self._prepare(x, tol, max_iter, deadline_ms), future, loop, alone=not self._loop_owed)
+        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=not self._loop_owed)
         if request is not None:
             future.add_done_callback(functools.partial(self._given_up, request))
         return future
@@ -192,19 +191,16 @@ class Scheduler:
         x: Prepared | Any,
         tol: float | None = None,
         max_iter: int | None = None,
-        *,
-        deadline_ms: float | None = None,
+        **options: Any,
     ) -> ClassifyResult:
         """``submit`` and wait. An input that finds the scheduler idle runs alone, in this thread."""
         future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, deadline_ms), future, None, alone=True)
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=True)
         return future.result()
 
     # -- the caller's side -------------------------------------------------------------------
-    def _prepare(
-        self, x: Prepared | Any, tol: float | None, max_iter: int | None, deadline_ms: float | None
-    ) -> Prepared:
-        prepared = x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, deadline_ms=deadline_ms)
+    def _prepare(self, x: Prepared | Any, tol: float | None, max_iter: int | None, options: dict[str, Any]) -> Prepared:
+        prepared = x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, **options)
         if prepared.solver != "fixed_point":
             raise InputError(f"the shared batch runs the fixed_point solver, not {prepared.solver!r}; use engine.run")
         if prepared.rows > self.max_active:
