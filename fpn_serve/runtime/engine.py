@@ -138,10 +138,20 @@ class Engine:
         stop: str = "tol",
         trace: bool = False,
         u0: Any = None,
+        keep_latents: bool = False,
     ) -> Prepared:
         """Validate a request once (see ``RequestRules.prepare``); raises InputError."""
         return self.rules.prepare(
-            x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started, stop=stop, trace=trace, u0=u0
+            x,
+            tol,
+            max_iter,
+            solver=solver,
+            deadline_ms=deadline_ms,
+            started=started,
+            stop=stop,
+            trace=trace,
+            u0=u0,
+            keep_latents=keep_latents,
         )
 
     def validate_inputs(self, x: Any) -> np.ndarray:

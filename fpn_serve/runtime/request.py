@@ -36,6 +36,7 @@ class Prepared:
     stop: str = "tol"  # one of STOPS
     trace: bool = False  # record every iteration's residual, label and certificate
     u0: np.ndarray | None = None  # float32 [batch, *latent] warm start; None: u = 0
+    keep_latents: bool = False  # the answer must carry the final latents (result.latents), for a stream
 
     @property
     def rows(self) -> int:
@@ -55,6 +56,7 @@ class Prepared:
             and self.stop == "tol"
             and not self.trace
             and self.u0 is None
+            and not self.keep_latents
         )
 
 
@@ -81,6 +83,7 @@ class RequestRules:
         stop: str = "tol",
         trace: bool = False,
         u0: Any = None,
+        keep_latents: bool = False,
     ) -> Prepared:
         """Check everything once; ``None`` takes the model's default. The deadline counts from
         ``started`` (a ``time.perf_counter()`` value; default: now). ``stop="certified"`` stops
@@ -107,7 +110,8 @@ class RequestRules:
             raise InputError("stop=certified needs a model whose manifest certifies labels; this one does not")
         if not isinstance(trace, bool):
             raise InputError(f"trace must be true or false, got {trace!r}")
-        return Prepared(arr, tol, max_iter, solver, deadline, stop, trace, self._start(u0, arr.shape[0]))
+        start = self._start(u0, arr.shape[0])
+        return Prepared(arr, tol, max_iter, solver, deadline, stop, trace, start, keep_latents)
 
     def _start(self, u0: Any, rows: int) -> np.ndarray | None:
         if u0 is None:
