@@ -132,3 +132,46 @@ def test_an_explicit_twin_is_evaluated_as_one_layer_not_as_a_fixed_point_network
     result = evaluate(model, split, TrainConfig(backprop="explicit"), "cpu", batch_size=128)
     assert result["test_max_iterations"] == 1
     assert result["test_accuracy"] == pytest.approx(float((one_layer == split.labels).float().mean()))
+
+
+def test_the_active_set_stops_each_sample_on_its_own_residual_and_keeps_its_value() -> None:
+    from fpn_serve.contract import RESIDUAL_EPS
+    from training.solvers import ActiveSet
+
+    tol, max_iter = 1e-4, 60
+    # sample 0: u <- u / 2 + 1 converges to 2; sample 1: u <- 2 u has residual 1/2 forever
+    expected_u, expected_k = 1.0, 0
+    while expected_k < max_iter:
+        nxt = expected_u / 2 + 1
+        expected_k += 1
+        r = abs(nxt - expected_u) / (abs(nxt) + RESIDUAL_EPS)
+        expected_u = nxt
+        if r <= tol:
+            break
+    scale, shift = torch.tensor([[0.5], [2.0]]), torch.tensor([[1.0], [0.0]])
+    u = torch.ones(2, 1)
+    stop = ActiveSet(2, tol, u.device)
+    for _ in range(max_iter):
+        u = stop.advance(scale * u + shift, u, u)
+        if stop.done:
+            break
+    info = stop.info()
+    assert 1 < expected_k < max_iter
+    assert info.iterations.tolist() == [expected_k, max_iter]
+    assert info.converged.tolist() == [True, False]
+    assert float(u[0, 0]) == pytest.approx(expected_u, rel=1e-6)  # carried unchanged after it stopped
+    assert float(info.residual[1]) == pytest.approx(0.5)
+
+
+def test_unrolled_backprop_stops_each_sample_where_the_solver_does() -> None:
+    from training.backprop import unrolled
+
+    model = _model(3)
+    x = torch.randn(6, 1, 28, 28) * torch.linspace(0.1, 3, 6).view(-1, 1, 1, 1)
+    logits, info = unrolled(model, x, 1e-5, 200)
+    assert logits.requires_grad  # the graph runs through every iteration
+    with torch.no_grad():
+        u, solved = model.solve(model.Q(x), 1e-5, 200)
+    assert info.iterations.tolist() == solved.iterations.tolist()
+    assert len(set(info.iterations.tolist())) > 1  # the samples really stopped at different depths
+    torch.testing.assert_close(logits.detach(), model.S(u), rtol=0, atol=1e-6)
