@@ -62,7 +62,7 @@ def make_streams(pixels: np.ndarray, n: int, frames: int, seed: int) -> np.ndarr
 
 
 def run(engine: Engine, streams: np.ndarray, mean: float, std: float, setting: dict[str, Any]) -> dict[str, Any]:
-    n, frames = streams.shape[:2]
+    frames = streams.shape[1]
     x = ((streams - mean) / std).astype(np.float32)[:, :, None]  # [n, frames, 1, 28, 28]
     cold_iters, warm_iters, agree = [], [], []
     latents = None
