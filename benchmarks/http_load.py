@@ -131,6 +131,9 @@ def main() -> None:
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--model", type=Path, default=REPO / "models" / "mnist")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "http_load.json")
+    p.add_argument(
+        "--only", default="", help="run only the scenarios whose name contains this text (healthz always runs)"
+    )
     args = p.parse_args()
 
     png = (REPO / "examples" / "seven.png").read_bytes()
@@ -149,6 +152,7 @@ def main() -> None:
             "headers": {"content-type": "image/png"},
         }
     scenarios["v2 infer tol=1e-3"] = {"method": "POST", "url": "/v2/models/mnist/infer", "json": v2}
+    scenarios = {k: v for k, v in scenarios.items() if k == "healthz" or args.only in k}
 
     port = free_port()
     proc = subprocess.Popen(
