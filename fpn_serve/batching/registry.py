@@ -22,6 +22,7 @@ from ..runtime.engine import Engine
 from ..runtime.request import DEFAULT_MAX_ITER_CAP
 from .metrics import Metrics
 from .scheduler import Scheduler
+from .sequences import SequenceStore
 
 log = logging.getLogger("fpn_serve")
 
@@ -32,6 +33,7 @@ class ModelRegistry:
 
     engines: dict[str, Engine] = field(default_factory=dict)
     schedulers: dict[str, Scheduler] = field(default_factory=dict)
+    sequences: dict[str, SequenceStore] = field(default_factory=dict)  # live streams' warm starts, by model
     metrics: Metrics = field(default_factory=Metrics)
     draining: bool = False  # set on shutdown: readiness turns false while in-flight work finishes
 
@@ -54,13 +56,17 @@ class ModelRegistry:
             return False
         return name in self.schedulers if name is not None else set(self.engines) <= set(self.schedulers)
 
-    def start(self, *, max_active: int = 256, max_queue: int = 1024) -> None:
-        """Start a scheduler for each engine that has none."""
+    def start(
+        self, *, max_active: int = 256, max_queue: int = 1024, max_sequences: int = 1024, sequence_idle_s: float = 60.0
+    ) -> None:
+        """Start a scheduler and a sequence store for each engine that has none."""
         for name, engine in self.engines.items():
             if name not in self.schedulers:
                 sched = Scheduler(engine, max_active=max_active, max_queue=max_queue)
                 sched.start()
                 self.schedulers[name] = sched
+            if name not in self.sequences:
+                self.sequences[name] = SequenceStore(max_sequences, sequence_idle_s)
 
     def stop(self) -> None:
         """Finish what every scheduler runs and holds, then stop them."""
