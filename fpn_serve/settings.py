@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads for each model's encoder Q; 0: one fewer than the CPUs this process "
         "may use (the HTTP loop keeps one)",
     )
+    max_sequences: int = Field(
+        default=1024, ge=1, description="live sequences (sequence_id) whose last fixed point each model keeps"
+    )
+    sequence_idle_s: float = Field(
+        default=60.0, gt=0, description="a sequence without an input for this long is forgotten"
+    )
     request_timeout_s: float = Field(default=30.0, gt=0, description="longest a request may take before 504")
     drain_s: float = Field(
         default=1.0, ge=0, description="on SIGTERM/SIGINT, report not-ready this long before closing"

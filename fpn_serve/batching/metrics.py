@@ -2,19 +2,25 @@
 
 Requests by route and status with their latency; per answered input its iterations, its
 residual at exit and whether it converged; per model the active batch, the queue depth and the
-requests given up on before their answer (timed out, or their client gone).
+requests given up on before their answer (timed out, or their client gone); per model the live
+sequences (warm starts of streams), the bytes their latents keep, and the sequences dropped
+before their end (idle too long, or pushed out by newer ones beyond ``max_sequences``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..runtime.engine import ClassifyResult
     from .scheduler import Scheduler
+    from .sequences import SequenceStore
 
 LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 ITERATION_BUCKETS = (1, 2, 3, 5, 8, 13, 20, 30, 50, 100, 200, 500, 1000)
@@ -55,6 +61,8 @@ class Metrics:
         self.active = Gauge("fpn_active_batch", "inputs in the model's active batch", ["model"], registry=r)
         self.queue = Gauge("fpn_queue_depth", "requests waiting to join the active batch", ["model"], registry=r)
         self._per_model: dict[str, tuple[Histogram, Histogram]] = {}
+        self._sequences = _SequenceCollector()
+        r.register(self._sequences)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -75,8 +83,31 @@ class Metrics:
     def observe_abandoned(self, model: str, reason: str) -> None:
         self.abandoned.labels(model, reason).inc()
 
-    def render(self, schedulers: dict[str, Scheduler]) -> bytes:
+    def render(self, schedulers: dict[str, Scheduler], sequences: Mapping[str, SequenceStore] | None = None) -> bytes:
+        """The text exposition, with the schedulers' and the sequence stores' state read now."""
         for name, sched in schedulers.items():
             self.active.labels(name).set(sched.active)
             self.queue.labels(name).set(sched.queue_depth)
+        self._sequences.stores = dict(sequences or {})
         return generate_latest(self.registry)
+
+
+class _SequenceCollector(Collector):
+    """The sequence stores' state, read at each scrape (the stores count their own drops)."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, SequenceStore] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily("fpn_sequences", "live sequences whose last fixed point is kept", labels=["model"])
+        kept = GaugeMetricFamily("fpn_sequence_bytes", "bytes the live sequences' latents keep", labels=["model"])
+        dropped = CounterMetricFamily(
+            "fpn_sequences_dropped",
+            "sequences dropped before their end (idle, or beyond max_sequences)",
+            labels=["model"],
+        )
+        for name, store in self.stores.items():
+            live.add_metric([name], len(store))
+            kept.add_metric([name], store.nbytes)
+            dropped.add_metric([name], store.dropped)
+        yield from (live, kept, dropped)

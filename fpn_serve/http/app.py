@@ -38,7 +38,12 @@ def create_app(settings: Settings, model_paths: Sequence[Path] = (), registry: M
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         reg = registry if registry is not None else await run_in_threadpool(load_models, settings, model_paths)
-        reg.start(max_active=settings.max_inputs, max_queue=settings.max_queue)
+        reg.start(
+            max_active=settings.max_inputs,
+            max_queue=settings.max_queue,
+            max_sequences=settings.max_sequences,
+            sequence_idle_s=settings.sequence_idle_s,
+        )
         app.state.registry = reg
         try:
             yield

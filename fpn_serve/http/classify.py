@@ -5,6 +5,12 @@ The common request (one small image, plain parameters) takes a lean path inside 
 (``LeanClassify``, parsers in ``lean.py``) that gives the same answers without FastAPI's
 parameter, dependency and form machinery. Both share the body limit (middleware), the image
 decoding, the model dispatch (``execute.run_model``), the answer and the error table.
+
+The dial: ``stop`` (``tol``: stop at the residual tolerance; ``certified``: stop each input at its
+first certified label), ``trace`` (every iteration's residual, label and certificate in the
+answer) and Triton's sequence parameters (``sequence_id``, ``sequence_start``, ``sequence_end``:
+a stream's next input starts from its last fixed point) are parsed, like every request
+parameter, by ``batching.parameters``. Every prediction says whether its label is certified.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..batching.parameters import RequestParameters, parse_parameters, prepare, remember
+from ..batching.registry import ModelRegistry
 from ..contract.images import images_to_batch
 from ..errors import InputError, LimitExceeded
 from ..runtime.engine import ClassifyResult, Engine
+from ..runtime.request import Prepared
 from . import lean
 from .body import read_body, replay
 from .deps import AppSettings, Registry
@@ -37,6 +46,7 @@ from .jsonable import json_floats
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 INLINE_DECODE_BYTES = 64 * 1024  # images up to this size decode on the event loop: cheaper than a thread hop
+DIAL_TEXT = ("trace", "sequence_id", "sequence_start", "sequence_end")  # parsed from their text
 ALLOWED_TYPES = ("multipart/form-data (field 'file')", *IMAGE_TYPES, "application/json")
 
 
@@ -50,6 +60,13 @@ class Ranked(BaseModel):
     probability: float | None
 
 
+class TraceStep(BaseModel):
+    iteration: int  # k = 1 .. iterations: after the k-th application of T
+    residual: float | None
+    label: str  # the most probable class of S(u_k)
+    certified: bool  # that label is provably the exact fixed point's
+
+
 class Prediction(BaseModel):
     label: str
     index: int
@@ -59,6 +76,8 @@ class Prediction(BaseModel):
     residual: float | None
     converged: bool
     error_bound: float | None
+    label_certified: bool  # the label is provably that of the exact fixed point
+    trace: list[TraceStep] | None = None  # with trace=true: one step per iteration
 
 
 class ClassifyResponse(BaseModel):
@@ -66,11 +85,25 @@ class ClassifyResponse(BaseModel):
     latency_ms: float
     tol: float
     max_iter: int
+    stop: Literal["tol", "certified"]  # the stopping rule that was used
     predictions: list[Prediction]
 
 
+def _trace(result: ClassifyResult, row: int, iterations: int) -> list[dict[str, Any]]:
+    """One row's trace, k = 1 .. iterations (JSON null for a non-finite residual)."""
+    assert result.trace is not None
+    names = result.names
+    residuals = result.trace.residuals[row, :iterations].tolist()
+    labels = result.trace.labels[row, :iterations].tolist()
+    certified = result.trace.certified[row, :iterations].tolist()
+    return [
+        {"iteration": k, "residual": r if math.isfinite(r) else None, "label": names[c], "certified": ok}
+        for k, (r, c, ok) in enumerate(zip(residuals, labels, certified, strict=True), start=1)
+    ]
+
+
 def answer(
-    engine: Engine, result: ClassifyResult, started: float, tol: float, max_iter: int, top_k: int | None = None
+    engine: Engine, result: ClassifyResult, started: float, request: Prepared, top_k: int | None = None
 ) -> JSONResponse:
     """The /classify answer (shape: ClassifyResponse), built directly: no second validation pass."""
     names = result.names
@@ -81,10 +114,11 @@ def answer(
         result.residuals.tolist(),
         result.converged.tolist(),
         result.error_bounds.tolist(),
+        result.certified.tolist(),
         strict=True,
     )
     finite = bool(np.isfinite(result.probabilities).all())
-    for i, (label, iterations, residual, converged, error_bound) in enumerate(columns):
+    for i, (label, iterations, residual, converged, error_bound, certified) in enumerate(columns):
         probs = result.probabilities[i]
         pred: dict[str, Any] = {"label": names[label], "index": label}
         values = probs.tolist() if finite else json_floats(probs)
@@ -97,16 +131,38 @@ def answer(
         pred["residual"] = residual if math.isfinite(residual) else None
         pred["converged"] = converged
         pred["error_bound"] = error_bound if math.isfinite(error_bound) else None
+        pred["label_certified"] = certified
+        if result.trace is not None:
+            pred["trace"] = _trace(result, i, iterations)
         predictions.append(pred)
     return JSONResponse(
         {
             "model": engine.name,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            "tol": tol,
-            "max_iter": max_iter,
+            "tol": request.tol,
+            "max_iter": request.max_iter,
+            "stop": request.stop,
             "predictions": predictions,
         }
     )
+
+
+async def solve(
+    registry: ModelRegistry,
+    engine: Engine,
+    x: np.ndarray,
+    params: RequestParameters,
+    started: float,
+    timeout_s: float,
+    receive: Receive,
+) -> tuple[Prepared, ClassifyResult]:
+    """Prepare ``x`` under ``params`` (a sequence's input starts from its last fixed point), run it
+    and keep a sequence's latents for its next input."""
+    sequences = registry.sequences.get(engine.name)
+    prepared = prepare(engine, x, params, started=started, sequences=sequences)
+    result = await run_model(registry, engine, prepared, timeout_s, receive)
+    remember(params, result, sequences)
+    return prepared, result
 
 
 def check_top_k(engine: Engine, top_k: int | None) -> None:
@@ -212,10 +268,37 @@ async def classify(
     top_k: Annotated[
         int | None, Query(ge=1, description="answer the k most probable classes instead of all probabilities")
     ] = None,
+    stop: Annotated[
+        Literal["tol", "certified"],
+        Query(description="tol: stop at the tolerance; certified: stop each input at its first certified label"),
+    ] = "tol",
+    trace: Annotated[
+        bool, Query(description="true: every iteration's residual, label and certificate in the answer")
+    ] = False,
+    sequence_id: Annotated[
+        str | None,
+        Query(description="a stream's id (a positive integer or a string): its next input starts from its last state"),
+    ] = None,
+    sequence_start: Annotated[bool, Query(description="true: the first input of the stream (a cold start)")] = False,
+    sequence_end: Annotated[
+        bool, Query(description="true: the last input of the stream (its state is dropped)")
+    ] = False,
 ) -> JSONResponse:
     started = time.perf_counter()
     engine = registry.get(model)
     check_top_k(engine, top_k)
+    text = request.query_params  # the flags as sent: the same words are valid on every protocol
+    params = parse_parameters(
+        {
+            "tol": tol,
+            "max_iter": max_iter,
+            "deadline_ms": deadline_ms,
+            "solver": solver,
+            "stop": stop,
+            **{name: text.get(name) for name in DIAL_TEXT},
+        },
+        from_text=True,
+    )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in ("multipart/form-data", "application/json", *IMAGE_TYPES):
         raise UnsupportedType(
@@ -237,9 +320,8 @@ async def classify(
             x = images_to_batch(blobs, spec, max_pixels=max_pixels)
         else:
             x = await run_in_threadpool(images_to_batch, blobs, spec, max_pixels=max_pixels)
-    prepared = engine.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, started=started)
-    result = await run_model(registry, engine, prepared, settings.request_timeout_s, request.receive)
-    return answer(engine, result, started, prepared.tol, prepared.max_iter, top_k)
+    prepared, result = await solve(registry, engine, x, params, started, settings.request_timeout_s, request.receive)
+    return answer(engine, result, started, prepared, top_k)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -284,11 +366,15 @@ class LeanClassify:
             await self.general(scope, replay(body, receive), send)
             return
         x = images_to_batch([blob], engine.manifest.input, max_pixels=settings.max_pixels)
-        prepared = engine.prepare(
-            x, query.tol, query.max_iter, solver=query.solver, deadline_ms=query.deadline_ms, started=started
-        )
-        result = await run_model(registry, engine, prepared, settings.request_timeout_s, receive)
-        await answer(engine, result, started, prepared.tol, prepared.max_iter, query.top_k)(scope, receive, send)
+        timeout_s = settings.request_timeout_s
+        if query.dial is None:  # the plain request: nothing to look up or keep
+            prepared = engine.prepare(
+                x, query.tol, query.max_iter, solver=query.solver, deadline_ms=query.deadline_ms, started=started
+            )
+            result = await run_model(registry, engine, prepared, timeout_s, receive)
+        else:
+            prepared, result = await solve(registry, engine, x, query.dial, started, timeout_s, receive)
+        await answer(engine, result, started, prepared, query.top_k)(scope, receive, send)
 
 
 def install(app: FastAPI) -> None:

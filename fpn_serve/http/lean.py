@@ -11,6 +11,11 @@ Both paths share the body limit, the image decoding (a corrupt image gets the sa
 way), the model dispatch, the answer and the exception handlers, so they give the same response;
 the tests hold the lean path to that on random requests.
 
+The dial's parameters (``stop``, ``trace``, ``sequence_id``, ``sequence_start``,
+``sequence_end``) are read here too when written plainly, and then parsed with the others by
+``batching.parameters`` (a combination it refuses goes to the general route, which answers the
+error); a plain request, without them, parses nothing more than before.
+
 The parsers here accept only what they can read with certainty, and return None otherwise.
 """
 
@@ -19,13 +24,20 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from ..batching.parameters import RequestParameters, parse_parameters
+from ..errors import InputError
+
 QUERY_NAMES = frozenset({b"tol", b"max_iter", b"model", b"solver", b"deadline_ms", b"top_k"})
+DIAL_NAMES = frozenset({b"stop", b"trace", b"sequence_id", b"sequence_start", b"sequence_end"})
 SOLVERS = {b"fixed_point": "fixed_point", b"anderson": "anderson"}
+STOPS = frozenset({b"tol", b"certified"})
+FLAGS = frozenset({b"true", b"false", b"1", b"0"})
 
 # Plain decimal numbers: their float value is certain (Python and pydantic both round correctly).
 _FLOAT = re.compile(rb"[0-9]{1,20}(?:\.[0-9]{1,20})?(?:[eE][-+]?[0-9]{1,3})?")
 _INT = re.compile(rb"[1-9][0-9]{0,8}")
 _NAME = re.compile(rb"[A-Za-z0-9_.-]{1,64}")
+_SEQUENCE_ID = re.compile(rb"[A-Za-z0-9_.:-]{1,128}")
 
 
 class ClassifyQuery(NamedTuple):
@@ -35,6 +47,7 @@ class ClassifyQuery(NamedTuple):
     solver: str = "fixed_point"
     deadline_ms: float | None = None
     top_k: int | None = None
+    dial: RequestParameters | None = None  # every request parameter, when the dial's were given
 
 
 def parse_query(query_string: bytes) -> ClassifyQuery | None:
@@ -43,11 +56,47 @@ def parse_query(query_string: bytes) -> ClassifyQuery | None:
     if not query_string:
         return ClassifyQuery()
     values: dict[bytes, bytes] = {}
+    dial: dict[bytes, bytes] | None = None
     for part in query_string.split(b"&"):
         key, eq, value = part.partition(b"=")
-        if not eq or key not in QUERY_NAMES or key in values:
+        if not eq or key in values or (dial is not None and key in dial):
             return None
-        values[key] = value
+        if key in QUERY_NAMES:
+            values[key] = value
+        elif key in DIAL_NAMES:
+            if dial is None:
+                dial = {}
+            dial[key] = value
+        else:
+            return None
+    query = _plain(values)
+    if query is None or dial is None:
+        return query
+    return _with_dial(query, dial)
+
+
+def _with_dial(query: ClassifyQuery, dial: dict[bytes, bytes]) -> ClassifyQuery | None:
+    """``query`` with the dial's parameters parsed along with the others; None unless each is plain
+    and ``batching.parameters`` accepts the whole."""
+    for key, value in dial.items():
+        if key == b"stop":
+            plain = value in STOPS
+        elif key == b"sequence_id":
+            plain = _SEQUENCE_ID.fullmatch(value) is not None
+        else:
+            plain = value in FLAGS
+        if not plain:
+            return None
+    text = {key.decode("ascii"): value.decode("ascii") for key, value in dial.items()}
+    given = {"tol": query.tol, "max_iter": query.max_iter, "deadline_ms": query.deadline_ms, "solver": query.solver}
+    try:
+        params = parse_parameters({**given, **text}, from_text=True)
+    except InputError:
+        return None
+    return query._replace(dial=params)
+
+
+def _plain(values: dict[bytes, bytes]) -> ClassifyQuery | None:
     tol = max_iter = top_k = None
     deadline_ms = None
     model = None
