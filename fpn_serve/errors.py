@@ -7,6 +7,7 @@ answers it (``fpn_serve.http.errors`` maps each to a status in one table).
     ├── QueueFull          the scheduler's queue is full; retry after ``retry_after`` seconds
     └── InputError         a caller's input or parameter is invalid
         ├── LimitExceeded  a body, an input count or an image over its limit
+        ├── TargetUnreachable  an accuracy or latency target the model cannot meet (says the best it offers)
         └── ImageError     bytes that cannot be decoded as an allowed image, or are too large
 
 Every message says what was wrong and, where it helps, what is allowed.
@@ -41,6 +42,10 @@ class InputError(FPNServeError, ValueError):
 
 class LimitExceeded(InputError):
     """Input over a size limit (body bytes, inputs per request, image pixels)."""
+
+
+class TargetUnreachable(InputError):
+    """A target_accuracy or latency_budget_ms the model cannot meet; the message says the best it offers."""
 
 
 class ImageError(InputError):

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import FPNServeError, ImageError, InputError, LimitExceeded, ModelNotFound, QueueFull
+from ..errors import FPNServeError, ImageError, InputError, LimitExceeded, ModelNotFound, QueueFull, TargetUnreachable
 
 
 class MalformedBody(InputError):
@@ -48,6 +48,7 @@ STATUS: dict[type[Exception], Status | None] = {
     LimitExceeded: Status(413, 413),
     MalformedBody: Status(400, 400),
     UnsupportedType: Status(415, 415),
+    TargetUnreachable: Status(422, 422),
     ImageError: None,
     InputError: Status(422, 400),
     RequestValidationError: Status(422, 400),
