@@ -98,7 +98,7 @@ async def run_model(
     scheduler), other solvers run on their own in a worker thread; both within ``timeout_s``."""
     try:
         if request.solver == "fixed_point":
-            future = registry.schedulers[engine.name].submit_async(request)
+            future = registry.scheduler_for(engine).submit_async(request)
             result = await await_answer(future, timeout_s, receive)
         else:
             result = await within(run_in_threadpool(engine.run, request), timeout_s)
