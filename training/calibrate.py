@@ -37,7 +37,10 @@ def _latency_per_input(engine: Engine, x: np.ndarray, tol: float, max_iter: int,
     return float(np.median(times)) / len(xb)
 
 
-def calibrate(engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, chunk: int = 1000) -> dict[str, Any]:
+def calibrate(
+    engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, chunk: int = 1000, split: str = "test"
+) -> dict[str, Any]:
+    """The calibration table of ``engine`` on the labelled inputs ``x``, ``y`` (named ``split``)."""
     tol_rows = []
     for tol in TOLS:
         iters, correct, conv = [], 0, 0
@@ -56,6 +59,7 @@ def calibrate(engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, chunk
                 "p99_iterations": int(np.percentile(it, 99)),
                 "max_iterations": int(it.max()),
                 "accuracy": correct / len(x),
+                "correct": correct,
                 "converged_fraction": conv / len(x),
                 "latency_us_batch1": round(1e6 * _latency_per_input(engine, x, tol, max_iter, 1, 200), 2),
                 "latency_us_per_input_batch256": round(1e6 * _latency_per_input(engine, x, tol, max_iter, 256, 5), 2),
@@ -72,7 +76,42 @@ def calibrate(engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, chunk
         fixed_rows.append({"iterations": k, "accuracy": acc})
         if unchanged >= 3:  # accuracy has stopped changing
             break
-    return {"tolerances": tol_rows, "fixed_iterations": fixed_rows}
+    calibration: dict[str, Any] = {"split": split, "tolerances": tol_rows, "fixed_iterations": fixed_rows}
+    if engine.certifier.available:
+        calibration["certified_stop"] = _certified_stop(engine, x, y, max_iter, chunk)
+    return calibration
+
+
+def _certified_stop(engine: Engine, x: np.ndarray, y: np.ndarray, max_iter: int, chunk: int) -> dict[str, Any]:
+    """What ``stop=certified`` costs and gives: iterations, accuracy, the fraction certified by each
+    iteration count, and latency at batch 1."""
+    iters, certified, correct = [], [], 0
+    for i in range(0, len(x), chunk):
+        res = engine.classify(x[i : i + chunk], max_iter=max_iter, stop="certified")
+        iters.append(res.iterations)
+        certified.append(res.certified)
+        correct += int((res.labels == y[i : i + chunk]).sum())
+    it, cert = np.concatenate(iters), np.concatenate(certified)
+    last = int(it[cert].max()) if cert.any() else 0
+    times = []
+    for i in range(min(200, len(x))):
+        t = time.perf_counter()
+        engine.classify(x[i : i + 1], max_iter=max_iter, stop="certified")
+        times.append(time.perf_counter() - t)
+    return {
+        "max_iter": max_iter,
+        "images": len(x),
+        "mean_iterations": round(float(it.mean()), 3),
+        "p99_iterations": int(np.percentile(it, 99)),
+        "max_iterations": int(it.max()),
+        "accuracy": correct / len(x),
+        "correct": correct,
+        "certified_fraction": float(cert.mean()),
+        "certified_by_iteration": [
+            {"iterations": k, "fraction": round(float((cert & (it <= k)).mean()), 5)} for k in range(1, last + 1)
+        ],
+        "latency_us_batch1": round(1e6 * float(np.median(times)), 2),
+    }
 
 
 def plot(calibration: dict[str, Any], title: str, path: Path) -> None:
@@ -127,15 +166,20 @@ def model_card(manifest: dict[str, Any], path: Path) -> None:
         f"(precision {manifest['precision']['name']}, opset {manifest['opset']}).",
         "",
     ]
+    split = cal.get("split", "test")
     if default:
         lines += [
-            f"Test accuracy at the default `tol={manifest['solver']['tol']:g}` "
+            f"Accuracy at the default `tol={manifest['solver']['tol']:g}` "
             f"(max_iter {manifest['solver']['max_iter']}): **{100 * default['accuracy']:.2f} %** on "
-            f"{default['images']:,} test images, measured through `fpn_serve`.",
+            f"{default['images']:,} {'test images' if split == 'test' else split}, measured through `fpn_serve`.",
             "",
         ]
+    if "checkpoint_test_accuracy" in prov and split != "test":
+        lines += [f"Test accuracy of the checkpoint: {100 * prov['checkpoint_test_accuracy']:.2f} %.", ""]
     lines += [
         "![calibration](calibration.png)",
+        "",
+        f"Measured on {'the test images' if split == 'test' else 'the ' + split}:",
         "",
         "| tol | mean iterations | p99 | accuracy | converged | us / input, batch 1 | us / input, batch 256 |",
         "|---|---|---|---|---|---|---|",
@@ -146,12 +190,24 @@ def model_card(manifest: dict[str, Any], path: Path) -> None:
             f"{100 * r['converged_fraction']:.1f} % | {r['latency_us_batch1']:.0f} | "
             f"{r['latency_us_per_input_batch256']:.1f} |"
         )
+    stop = cal.get("certified_stop")
+    if stop:
+        lines.append(
+            f"| certified stop | {stop['mean_iterations']:.2f} | {stop['p99_iterations']} | "
+            f"{100 * stop['accuracy']:.2f} % | {100 * stop['certified_fraction']:.1f} % certified | "
+            f"{stop['latency_us_batch1']:.0f} | |"
+        )
     con = manifest["contraction"]
     lines += [
         "",
         f"Contraction: certified bound gamma = {con['gamma']:.4f} ({con['method']}); measured on the "
         f"exported T: {con['empirical']['measured_factor']:.4f}. So "
         "`||u_k - u*|| <= gamma / (1 - gamma) * ||u_k - u_(k-1)||`, the `error_bound` the server reports.",
+        "",
+        "With `stop=certified` each input stops at its first iteration whose label is provably that of "
+        "the exact fixed point (from gamma and S's pairwise Lipschitz table in the manifest's `certificate`)."
+        if stop
+        else "S is not affine, so no label is certified.",
         "",
         "Latencies were measured on the exporting machine; the folder's `manifest.json` holds every figure.",
         "",

@@ -38,6 +38,7 @@ from .data import DataError, TensorSplit, load_split
 from .export_graphs import GRAPH_FILES, ExportError, finish_graph, graph_file, strip_graph, write_graphs
 from .export_manifest import DARK_BACKGROUND, build_manifest, dark_background, stored_spec, write_manifest
 from .fpn import FPN
+from .label_certificate import label_certificate
 from .parity import check_parity, compare_single_graphs, measure_parity
 from .precision import PRECISIONS
 
@@ -120,6 +121,23 @@ class ExportJob:
     def input_shape(self) -> tuple[int, ...]:
         return stored_spec(self.cfg, self.payload).input_shape
 
+    def calibration_set(self) -> tuple[np.ndarray, np.ndarray, str]:
+        """The images the calibration table is measured on, and their name: the training images
+        that training held out (``--limit-train N`` keeps images N.. of the training split unseen),
+        so that the table, and the accuracy targets chosen from it, use images seen neither in
+        training nor in the reported test figure; without such images, the test images."""
+        limit = self.cfg.limit_train
+        if limit is not None:
+            train = load_split(self.cfg.dataset, Path(self.args.data_root), train=True)
+            if len(train.labels) > limit:
+                end = len(train.labels) if self.args.calibration_limit is None else limit + self.args.calibration_limit
+                held = TensorSplit(
+                    train.images[limit:end], train.labels[limit:end], stored_spec(self.cfg, self.payload)
+                )
+                name = f"held-out training images {limit}-{limit + len(held.labels) - 1} (never trained on)"
+                return held.normalise(held.images).numpy(), held.labels.numpy(), name
+        return self.x, self.y, "test"
+
 
 def load_job(args: argparse.Namespace) -> ExportJob:
     """Step 1: the checkpoint, the output folder's name, the defaults and the test inputs."""
@@ -198,10 +216,14 @@ def convert(job: ExportJob, fp32: Engine, folder: Path) -> Engine:
     return engine
 
 
-def certify(job: ExportJob, engine: Engine) -> None:
-    """Step 4: measure T's contraction factor at the data; refuse an expanding T unless allowed."""
+def certify(job: ExportJob, engine: Engine) -> Engine:
+    """Step 4: measure T's contraction factor at the data, refusing an expanding T unless allowed;
+    write S's label certificate where S is affine. Returns the engine of the certified folder."""
     certificate = measure_contraction(engine, job.x[: job.args.certify_images])
     job.manifest["contraction"]["empirical"] = certificate
+    labels = label_certificate(onnx.load(str(engine.model_dir / "S.onnx")))
+    if labels is not None:  # S is affine: labels can be certified (fpn_serve's stop=certified)
+        job.manifest["certificate"] = labels
     factor = certificate["measured_factor"]
     log.info("contraction: bound %.4f, measured %.4f", job.manifest["contraction"]["gamma"], factor)
     if factor >= 1.0 and not job.args.allow_non_contractive:
@@ -209,12 +231,15 @@ def certify(job: ExportJob, engine: Engine) -> None:
             f"the exported T is not a contraction: measured factor {factor:.4f} >= 1 "
             "(pass --allow-non-contractive to export it anyway)"
         )
+    write_manifest(engine.model_dir, job.manifest)
+    return _load_engine(engine.model_dir)
 
 
 def calibrate_tolerances(job: ExportJob, engine: Engine) -> None:
     """Step 5: the calibration table, and a default tol the precision can reach."""
     manifest = job.manifest
-    manifest["calibration"] = calibrate(engine, job.x, job.y, job.max_iter)
+    x, y, split = job.calibration_set()
+    manifest["calibration"] = calibrate(engine, x, y, job.max_iter, split=split)
     if job.args.tol is None:
         # A lower precision cannot reach every tolerance (fp16 stalls near 1e-3): default to the
         # tightest calibrated tolerance at or above the training one that still converges.
@@ -254,7 +279,7 @@ def export(args: argparse.Namespace) -> Path:
         if args.precision != "fp32":
             engine = convert(job, fp32, staging)
         job.manifest["parity"] = job.parity
-        certify(job, engine)
+        engine = certify(job, engine)
         calibrate_tolerances(job, engine)
         write_documents(job, staging)
     log.info("wrote %s", job.out)

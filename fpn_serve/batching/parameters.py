@@ -2,7 +2,8 @@
 
 ``/classify``'s query string, the Open Inference Protocol's request ``parameters`` (HTTP and
 gRPC) and the Python API name the same things: ``tol``, ``max_iter``, ``deadline_ms``, ``solver``,
-``stop``, ``trace`` and Triton's sequence parameters ``sequence_id``, ``sequence_start`` and
+``stop``, ``trace``, the targets ``target_accuracy`` and ``latency_budget_ms`` (which choose tol
+and max_iter), and Triton's sequence parameters ``sequence_id``, ``sequence_start`` and
 ``sequence_end``. A protocol collects what it received into a mapping (``from_text=True`` where
 values arrive as text, as in a query string) and calls ``parse_parameters``; ``prepare`` then
 turns the inputs and the parameters into the runtime's ``Prepared`` request, taking a live
@@ -34,6 +35,8 @@ PARAMETERS = (
     "sequence_id",
     "sequence_start",
     "sequence_end",
+    "target_accuracy",
+    "latency_budget_ms",
 )
 MAX_DEADLINE_MS = 60_000.0
 
@@ -50,6 +53,8 @@ class RequestParameters:
     stop: str = "tol"
     trace: bool = False
     sequence: SequenceRef | None = None
+    target_accuracy: float | None = None
+    latency_budget_ms: float | None = None
 
 
 def parse_parameters(params: Mapping[str, Any], *, from_text: bool = False) -> RequestParameters:
@@ -78,7 +83,15 @@ def parse_parameters(params: Mapping[str, Any], *, from_text: bool = False) -> R
         _flag("sequence_start", get("sequence_start"), from_text) or False,
         _flag("sequence_end", get("sequence_end"), from_text) or False,
     )
-    return RequestParameters(tol, max_iter, deadline_ms, solver, stop, trace, sequence)
+    target_accuracy = _number("target_accuracy", get("target_accuracy"), from_text)
+    if target_accuracy is not None and not 0 < target_accuracy <= 1:
+        raise InputError(f"target_accuracy must be a number with 0 < target_accuracy <= 1, got {target_accuracy:g}")
+    budget = _number("latency_budget_ms", get("latency_budget_ms"), from_text)
+    if budget is not None and not 0 < budget <= MAX_DEADLINE_MS:
+        raise InputError(
+            f"latency_budget_ms must be a number with 0 < latency_budget_ms <= {MAX_DEADLINE_MS:g}, got {budget:g}"
+        )
+    return RequestParameters(tol, max_iter, deadline_ms, solver, stop, trace, sequence, target_accuracy, budget)
 
 
 def prepare(
@@ -88,15 +101,16 @@ def prepare(
     *,
     started: float | None = None,
     sequences: SequenceStore | None = None,
+    active: int = 0,
 ) -> Prepared:
     """The prepared request for inputs ``x`` under ``params``; a request of a live sequence starts
-    from that sequence's last fixed point (``sequences``). Raises InputError."""
+    from that sequence's last fixed point (``sequences``); a latency target is met at the batch
+    size the request will run in (its rows plus the ``active`` rows it joins). Raises InputError."""
     u0 = None
     if params.sequence is not None:
         if sequences is None:
             raise InputError("this server keeps no sequences; send the request without sequence_id")
-        rows = getattr(x, "shape", (0,))[0]
-        u0 = sequences.start_of(params.sequence, rows)
+        u0 = sequences.start_of(params.sequence, _rows(x))
     return engine.prepare(
         x,
         params.tol,
@@ -108,7 +122,15 @@ def prepare(
         trace=params.trace,
         u0=u0,
         keep_latents=params.sequence is not None,
+        target_accuracy=params.target_accuracy,
+        latency_budget_ms=params.latency_budget_ms,
+        batch=_rows(x) + active,
     )
+
+
+def _rows(x: Any) -> int:
+    shape = getattr(x, "shape", None)
+    return int(shape[0]) if shape else 1
 
 
 def remember(params: RequestParameters, result: ClassifyResult, sequences: SequenceStore | None) -> None:

@@ -31,6 +31,7 @@ from .request import DEFAULT_MAX_ITER_CAP, Prepared, RequestRules
 from .result import ClassifyResult, softmax
 from .runner import StepRunner
 from .solvers import anderson
+from .targets import Costs, Targets
 
 __all__ = ["DEFAULT_MAX_ITER_CAP", "ClassifyResult", "Engine", "softmax"]
 
@@ -139,8 +140,13 @@ class Engine:
         trace: bool = False,
         u0: Any = None,
         keep_latents: bool = False,
+        target_accuracy: float | None = None,
+        latency_budget_ms: float | None = None,
+        batch: int = 1,
     ) -> Prepared:
         """Validate a request once (see ``RequestRules.prepare``); raises InputError."""
+        if latency_budget_ms is not None and self.rules.targets.costs is None:
+            self.measure_costs()
         return self.rules.prepare(
             x,
             tol,
@@ -152,7 +158,22 @@ class Engine:
             trace=trace,
             u0=u0,
             keep_latents=keep_latents,
+            target_accuracy=target_accuracy,
+            latency_budget_ms=latency_budget_ms,
+            batch=batch,
         )
+
+    @property
+    def targets(self) -> Targets:
+        """The calibration table as accuracy and latency targets (``GET /models`` shows it)."""
+        return self.rules.targets
+
+    def measure_costs(self) -> Costs:
+        """Time Q, one step of T and S at a few batch sizes on this machine, for latency targets
+        (a server does it when it starts; otherwise the first latency target does)."""
+        costs = Costs.measure(lambda x, k: self.run(Prepared(x, 0.0, k)), tuple(self.manifest.input.shape))
+        self.rules.targets.costs = costs
+        return costs
 
     def validate_inputs(self, x: Any) -> np.ndarray:
         """Return ``x`` as a C-contiguous float32 array [batch, *input_shape] or raise InputError."""

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..contract.manifest import Manifest
 from ..errors import InputError
+from .targets import Choice, Targets
 
 DEFAULT_MAX_ITER_CAP = 1000  # the largest max_iter a request may ask for, unless the server says otherwise
 MAX_ABS_INPUT = 1e4  # normalised inputs are O(1); far larger ones only overflow the network
@@ -37,6 +38,7 @@ class Prepared:
     trace: bool = False  # record every iteration's residual, label and certificate
     u0: np.ndarray | None = None  # float32 [batch, *latent] warm start; None: u = 0
     keep_latents: bool = False  # the answer must carry the final latents (result.latents), for a stream
+    choice: Choice | None = None  # what a target chose (tol, max_iter and why), None for plain parameters
 
     @property
     def rows(self) -> int:
@@ -64,6 +66,7 @@ class RequestRules:
     """What a request to one model may ask for: its input shape, its defaults and the max_iter cap."""
 
     def __init__(self, manifest: Manifest, max_iter_cap: int = DEFAULT_MAX_ITER_CAP) -> None:
+        self.targets = Targets(manifest, max_iter_cap)
         self.input_shape = tuple(manifest.input.shape)
         self.latent_shape = tuple(manifest.latent_shape)
         self.certifies = manifest.certificate is not None and manifest.contraction.gamma < 1
@@ -84,14 +87,25 @@ class RequestRules:
         trace: bool = False,
         u0: Any = None,
         keep_latents: bool = False,
+        target_accuracy: float | None = None,
+        latency_budget_ms: float | None = None,
+        batch: int = 1,
     ) -> Prepared:
         """Check everything once; ``None`` takes the model's default. The deadline counts from
         ``started`` (a ``time.perf_counter()`` value; default: now). ``stop="certified"`` stops
         each input at its first certified label (a model whose manifest has a certificate);
-        ``u0`` [batch, *latent] starts the iteration there instead of at 0. Raises InputError."""
+        ``u0`` [batch, *latent] starts the iteration there instead of at 0. ``target_accuracy`` or
+        ``latency_budget_ms`` choose tol and max_iter instead (see ``targets.py``; the latency at
+        ``batch``, the size of the batch the request will run in; the budget is also the deadline).
+        Raises InputError (TargetUnreachable for a target the model cannot meet)."""
         if started is None:
             started = time.perf_counter()
         arr = self.validate_inputs(x)
+        choice = self._choose(tol, max_iter, target_accuracy, latency_budget_ms, batch)
+        if choice is not None:
+            tol, max_iter = choice.tol, choice.max_iter
+            if latency_budget_ms is not None and deadline_ms is None:
+                deadline_ms = latency_budget_ms
         tol, max_iter = self.resolve(tol, max_iter)
         if solver not in SOLVERS:
             raise InputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -111,7 +125,32 @@ class RequestRules:
         if not isinstance(trace, bool):
             raise InputError(f"trace must be true or false, got {trace!r}")
         start = self._start(u0, arr.shape[0])
-        return Prepared(arr, tol, max_iter, solver, deadline, stop, trace, start, keep_latents)
+        return Prepared(arr, tol, max_iter, solver, deadline, stop, trace, start, keep_latents, choice)
+
+    def _choose(
+        self,
+        tol: float | None,
+        max_iter: int | None,
+        target_accuracy: float | None,
+        latency_budget_ms: float | None,
+        batch: int,
+    ) -> Choice | None:
+        if target_accuracy is None and latency_budget_ms is None:
+            return None
+        if target_accuracy is not None and latency_budget_ms is not None:
+            raise InputError("give target_accuracy or latency_budget_ms, not both")
+        if tol is not None or max_iter is not None:
+            raise InputError("a target chooses tol and max_iter itself; give either the target or tol/max_iter")
+        if target_accuracy is not None:
+            if not _finite(target_accuracy) or not 0 < target_accuracy <= 1:
+                raise InputError(
+                    f"target_accuracy must be a number with 0 < target_accuracy <= 1, got {target_accuracy!r}"
+                )
+            return self.targets.for_accuracy(float(target_accuracy))
+        assert latency_budget_ms is not None
+        if not _finite(latency_budget_ms) or not latency_budget_ms > 0:
+            raise InputError(f"latency_budget_ms must be a positive number, got {latency_budget_ms!r}")
+        return self.targets.for_latency(float(latency_budget_ms), batch)
 
     def _start(self, u0: Any, rows: int) -> np.ndarray | None:
         if u0 is None:
@@ -162,3 +201,7 @@ class RequestRules:
 
 def _batched(shape: tuple[int, ...]) -> str:
     return f"[batch, {', '.join(map(str, shape))}]"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
