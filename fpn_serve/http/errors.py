@@ -18,7 +18,16 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from ..errors import FPNServeError, ImageError, InputError, LimitExceeded, ModelNotFound, QueueFull, TargetUnreachable
+from ..errors import (
+    FPNServeError,
+    ImageError,
+    InputError,
+    LimitExceeded,
+    ModelError,
+    ModelNotFound,
+    QueueFull,
+    TargetUnreachable,
+)
 
 
 class MalformedBody(InputError):
@@ -43,6 +52,7 @@ CLIENT_GONE = 499  # nginx's convention: the client closed the connection; nobod
 # None: the exception carries its own status (the image decoder's 400, 413 or 415; the router's 404 or 405)
 STATUS: dict[type[Exception], Status | None] = {
     ModelNotFound: Status(404, 404),
+    ModelError: Status(422, 400),  # a repository load of a folder that cannot be served
     QueueFull: Status(503, 503),
     TimedOut: Status(504, 504),
     LimitExceeded: Status(413, 413),

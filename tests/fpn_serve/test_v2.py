@@ -31,15 +31,17 @@ def test_health_and_metadata(server: httpx.Client) -> None:
     meta = server.get("/v2/models/mnist").json()
     assert meta["name"] == "mnist" and meta["versions"] == ["1"]
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
-    assert {o["name"] for o in meta["outputs"]} == {
-        "logits",
-        "probabilities",
-        "label",
-        "iterations",
-        "residual",
-        "converged",
-        "error_bound",
+    assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
+        "logits": "FP32",
+        "probabilities": "FP32",
+        "label": "INT64",
+        "iterations": "INT32",
+        "residual": "FP32",
+        "converged": "BOOL",
+        "error_bound": "FP32",
+        "label_certified": "BOOL",
     }
+    assert set(server.get("/v2").json()["extensions"]) == {"binary_tensor_data", "model_repository"}
     assert server.get("/v2/models/mnist/versions/1").json() == meta
     assert server.get("/v2/models/mnist/ready").json() == {"name": "mnist", "ready": True}
     for path in ("/v2/models/cifar", "/v2/models/cifar/ready", "/v2/models/mnist/versions/7"):
@@ -72,7 +74,7 @@ def test_infer_takes_nested_data_parameters_and_an_output_selection(
     loose = server.post(
         "/v2/models/mnist/versions/1/infer",
         json={
-            "inputs": [{"name": "image", "shape": [4, 1, 28, 28], "datatype": "FP32", "data": x.tolist()}],
+            "inputs": [{"name": "x", "shape": [4, 1, 28, 28], "datatype": "FP32", "data": x.tolist()}],
             "parameters": {"tol": 0.1},
             "outputs": [{"name": "iterations"}],
         },
@@ -85,18 +87,31 @@ def test_infer_takes_nested_data_parameters_and_an_output_selection(
 
 
 X1 = np.zeros((1, 1, 28, 28), np.float32)
+X = _request(X1)["inputs"][0]  # type: ignore[index]
 BAD = [
     ("not json", b"{inputs", "not valid JSON"),
-    ("no inputs", {"outputs": []}, "exactly one tensor"),
-    ("two inputs", {"inputs": [_request(X1)["inputs"][0]] * 2}, "exactly one tensor"),  # type: ignore[index]
-    ("datatype", {"inputs": [{**_request(X1)["inputs"][0], "datatype": "INT8"}]}, "send FP32"),  # type: ignore[index]
-    ("shape", {"inputs": [{**_request(X1)["inputs"][0], "shape": [1, 784]}]}, "does not match"),  # type: ignore[index]
-    ("data length", {"inputs": [{**_request(X1)["inputs"][0], "data": [0.0] * 10}]}, "needs 784"),  # type: ignore[index]
-    ("data strings", {"inputs": [{**_request(X1)["inputs"][0], "data": ["a"] * 784}]}, "only numbers"),  # type: ignore[index]
+    ("no inputs", {"outputs": []}, "'inputs' must be a list"),
+    ("missing input", {"inputs": []}, "input 'x' is missing"),
+    ("unknown input", {"inputs": [{**X, "name": "nope"}]}, "unknown input 'nope'; the model's only input is 'x'"),
+    ("unnamed input", {"inputs": [{k: v for k, v in X.items() if k != "name"}]}, "needs a 'name'"),
+    ("duplicate input", {"inputs": [X, X]}, "input 'x' is given 2 times"),
+    ("extra input", {"inputs": [X, {**X, "name": "y"}]}, "unknown input 'y'"),
+    ("datatype", {"inputs": [{**X, "datatype": "INT8"}]}, "has datatype 'INT8'; the model takes FP32"),
+    ("shape", {"inputs": [{**X, "shape": [1, 784]}]}, "the model takes [-1, 1, 28, 28]"),
+    ("shape of strings", {"inputs": [{**X, "shape": ["1", 1, 28, 28]}]}, "list of integers"),
+    ("negative shape", {"inputs": [{**X, "shape": [-1, 1, 28, 28]}]}, "negative dimension"),
+    ("no rows", {"inputs": [{**X, "shape": [0, 1, 28, 28], "data": []}]}, "N >= 1"),
+    ("data length", {"inputs": [{**X, "data": [0.0] * 10}]}, "has 10 elements; shape [1, 1, 28, 28] needs 784"),
+    ("data strings", {"inputs": [{**X, "data": ["a"] * 784}]}, "only numbers"),
+    ("no data", {"inputs": [{k: v for k, v in X.items() if k != "data"}]}, "has no 'data'"),
+    ("binary size without header", {"inputs": [{**X, "parameters": {"binary_data_size": 0}}]}, "no Inference-Header"),
     ("bad tol", _request(X1, parameters={"tol": 0}), "0 < tol <= 1"),
     ("bad max_iter", _request(X1, parameters={"max_iter": 10**6}), "from 1 to 1000"),
     ("bad solver", _request(X1, parameters={"solver": "newton"}), "unknown solver"),
-    ("unknown output", _request(X1, outputs=[{"name": "softmax"}]), "unknown outputs"),
+    ("unknown output", _request(X1, outputs=[{"name": "softmax"}]), "unknown output 'softmax'; the model's outputs"),
+    ("duplicate output", _request(X1, outputs=[{"name": "label"}, {"name": "label"}]), "more than once"),
+    ("binary flag", _request(X1, outputs=[{"name": "label", "parameters": {"binary_data": 1}}]), "true or false"),
+    ("classification", _request(X1, outputs=[{"name": "label", "parameters": {"classification": 3}}]), "not supported"),
 ]
 
 
@@ -106,6 +121,7 @@ def test_bad_infer_requests_get_a_v2_error(server: httpx.Client, case: str, body
     r = server.post("/v2/models/mnist/infer", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"} and message in r.json()["error"]
+    assert server.post("/v2/models/mnist/infer", json=_request(X1)).status_code == 200  # still serving
 
 
 def test_infer_on_an_unknown_model_is_404(server: httpx.Client) -> None:
@@ -113,25 +129,19 @@ def test_infer_on_an_unknown_model_is_404(server: httpx.Client) -> None:
     assert r.status_code == 404 and "available: mnist" in r.json()["error"]
 
 
-def test_a_triton_client_request_works_unchanged(server: httpx.Client, digits: tuple[np.ndarray, np.ndarray]) -> None:
-    """tritonclient sends its own parameters (binary_data_output) and no outputs list."""
+def test_a_triton_client_json_request_works_unchanged(
+    server: httpx.Client, digits: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """tritonclient's JSON request (binary_data=False): its own parameters and no outputs list."""
     x, y = digits
     request = {
-        "inputs": [
-            {
-                "name": "INPUT0",
-                "shape": [2, 1, 28, 28],
-                "datatype": "FP32",
-                "data": x[:2].ravel().tolist(),
-                "parameters": {"binary_data_size": 0},
-            }
-        ],
+        "inputs": [{"name": "x", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": x[:2].ravel().tolist()}],
         "parameters": {"binary_data_output": False, "tol": 1e-3},
     }
     r = server.post("/v2/models/mnist/infer", json=request)
     assert r.status_code == 200, r.text
     out = {o["name"]: o["data"] for o in r.json()["outputs"]}
-    assert out["label"] == y[:2].tolist()
+    assert out["label"] == y[:2].tolist() and out["label_certified"] == [True, True]
 
 
 def test_errors_before_routing_keep_the_v2_shape(server: httpx.Client) -> None:
