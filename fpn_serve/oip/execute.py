@@ -26,13 +26,16 @@ async def execute(
     run: Run,
     *,
     started: float | None = None,
+    from_text: bool = False,
 ) -> ClassifyResult:
     """Answer inputs ``x`` (from ``validate_inputs``) under the request's ``params`` (as received;
     names the runtime does not know are ignored, as the protocol allows). ``run`` executes the
     prepared request (HTTP: ``http.execute.run_model``, with its timeout and hang-up watch);
     ``started`` is the request's arrival (``time.perf_counter()``), from which deadlines count.
-    Raises InputError for a bad parameter, and whatever ``run`` raises."""
-    parsed = parameters.parse_parameters(params)
+    ``from_text``: string values may spell numbers and flags (gRPC, where KServe's InferParameter
+    has no double and a tol arrives as a string_param). Raises InputError for a bad parameter,
+    and whatever ``run`` raises."""
+    parsed = parameters.parse_parameters(params, from_text=from_text)
     sequences = registry.sequences.get(engine.name)
     prepared = parameters.prepare(
         engine, x, parsed, started=time.perf_counter() if started is None else started, sequences=sequences
