@@ -19,8 +19,6 @@ from PIL import Image
 from fpn_serve import Engine
 from fpn_serve.contract.images import images_to_batch
 
-from ..conftest import running_server  # type: ignore[import-not-found]
-
 pytestmark = pytest.mark.slow
 
 CLIENTS = 8
@@ -144,6 +142,8 @@ def test_sequence_end_forgets_the_state(server: httpx.Client, engine: Engine, st
 def test_more_sequences_than_the_bound_keep_only_the_bound(
     shipped_model: Path, tmp_path: Path, engine: Engine, streams: list[list[bytes]]
 ) -> None:
+    from ..conftest import running_server  # type: ignore[import-not-found,misc]
+
     bound, opened = 3, 7
     with running_server(shipped_model, tmp_path, env={"FPN_SERVE_MAX_SEQUENCES": str(bound)}) as client:
         frames = streams[2]
