@@ -177,6 +177,8 @@ VALUES = {
     "solver": ["fixed_point", "anderson", "newton", "", "FIXED_POINT", "fixed%5Fpoint"],
     "deadline_ms": ["60000", "5e4", "59999.5", "0", "-5", "60001", "abc", "", "1e5", "nan"],
     "top_k": ["1", "3", "10", "11", "0", "-1", "2.0", "", "x"],
+    "stop": ["tol", "certified", "", "exact", "TOL", "certified%20"],
+    "trace": ["true", "false", "1", "0", "yes", "True", "", "2"],
 }
 query_pairs = st.lists(
     st.one_of(
@@ -204,7 +206,18 @@ def test_any_query_string_gets_the_general_answer(
 
 @pytest.mark.parametrize(
     "query",
-    ["", "tol=0.001", "tol=1e-3&max_iter=50", "model=mnist&top_k=3", "solver=anderson&tol=0.01", "deadline_ms=60000"],
+    [
+        "",
+        "tol=0.001",
+        "tol=1e-3&max_iter=50",
+        "model=mnist&top_k=3",
+        "solver=anderson&tol=0.01",
+        "deadline_ms=60000",
+        "stop=certified",
+        "trace=true&tol=0.01",
+        "stop=tol&trace=0",
+        "sequence_id=lean-1&sequence_end=true&trace=1",
+    ],
 )
 def test_common_requests_take_the_lean_path(clients: tuple[Client, Client, list[int]], query: str) -> None:
     for content, ctype in [(SEVEN, "image/png"), (IMAGES[3], "image/jpeg")]:
@@ -214,6 +227,29 @@ def test_common_requests_take_the_lean_path(clients: tuple[Client, Client, list[
     assert r.status_code == 200 and not fell_back
     if query == "":
         assert r.json()["predictions"][0]["label"] == "7"
+
+
+SEQUENCES = [  # each one ends its sequence: the two apps share one registry, and so one store
+    "sequence_id=5&sequence_end=true",
+    "sequence_id=5&sequence_start=true&sequence_end=true&stop=certified",
+    "sequence_id=s.1:a_b-c&sequence_end=1&tol=0.01",
+    "sequence_id=0",
+    "sequence_id=0&sequence_end=true",
+    "sequence_end=true",
+    "sequence_start=false",
+    "sequence_id=&sequence_end=true",
+    "sequence_id=" + "x" * 129 + "&sequence_end=true",
+    "sequence_id=a%20b&sequence_end=true",
+    "sequence_id=7&sequence_end=yes",
+    "sequence_id=7&sequence_end=true&sequence_end=true",
+    "sequence_id=7&sequence_start=2&sequence_end=true",
+]
+
+
+@pytest.mark.parametrize("query", SEQUENCES)
+def test_sequence_parameters_get_the_general_answer(clients: tuple[Client, Client, list[int]], query: str) -> None:
+    for content, ctype in [(SEVEN, "image/png"), (IMAGES[1], "image/png")]:
+        _both(clients, f"/classify?{query}", content=content, headers={"content-type": ctype})
 
 
 # --- bodies and content types -----------------------------------------------------------------
@@ -422,10 +458,16 @@ def test_the_metrics_count_lean_requests_by_route(clients: tuple[Client, Client,
     assert 'fpn_requests_total{route="/classify",status="400"}' in text  # from the bad bodies above
 
 
+DIAL = ("stop", "trace", "sequence_id", "sequence_start", "sequence_end")
+
+
 def test_openapi_still_documents_classify(clients: tuple[Client, Client, list[int]]) -> None:
     spec = clients[0].get("/openapi.json").json()["paths"]["/classify"]["post"]
     params = {p["name"]: p for p in spec["parameters"]}
-    assert set(params) == {"tol", "max_iter", "model", "solver", "deadline_ms", "top_k"}
+    assert set(params) == {"tol", "max_iter", "model", "solver", "deadline_ms", "top_k", *DIAL}
+    assert params["stop"]["schema"]["enum"] == ["tol", "certified"] and params["stop"]["schema"]["default"] == "tol"
+    for flag in ("trace", "sequence_start", "sequence_end"):
+        assert params[flag]["schema"]["type"] == "boolean" and params[flag]["description"]
     assert params["tol"]["schema"]["anyOf"][0]["exclusiveMinimum"] == 0
     assert set(spec["requestBody"]["content"]) == {"multipart/form-data", "image/png", "image/jpeg", "application/json"}
     assert {"200", "400", "413", "415", "422", "503"} <= set(spec["responses"])
@@ -437,7 +479,17 @@ def test_query_parser_reads_plain_values_only() -> None:
     assert lean.parse_query(b"tol=1e-3&max_iter=7&model=mnist&solver=anderson&deadline_ms=250.5&top_k=2") == (
         lean.ClassifyQuery(1e-3, 7, "mnist", "anderson", 250.5, 2)
     )
+    dial = lean.parse_query(b"tol=1e-3&stop=certified&trace=true&sequence_id=12&sequence_start=1")
+    assert dial is not None and dial.tol == 1e-3 and dial.dial is not None
+    assert (dial.dial.tol, dial.dial.stop, dial.dial.trace) == (1e-3, "certified", True)
+    assert dial.dial.sequence is not None and (dial.dial.sequence.id, dial.dial.sequence.start) == (12, True)
+    assert lean.parse_query(b"tol=1e-3").dial is None  # type: ignore[union-attr]  # a plain request
     for bad in [
+        b"stop=exact",
+        b"trace=yes",
+        b"sequence_end=true",
+        b"sequence_id=a%20b",
+        b"stop=tol&stop=tol",
         b"tol=0",
         b"tol=2",
         b"tol=%31",
