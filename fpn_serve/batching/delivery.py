@@ -1,4 +1,5 @@
-"""Answers to callers: concurrent futures directly, asyncio futures on their own event loop.
+"""Answers to callers: S for the requests that finished together, then each caller its slice;
+concurrent futures directly, asyncio futures on their own event loop.
 
 A caller may give up on its future (a timeout, a cancelled call, a client that hung up); such a
 future is skipped, never set twice.
@@ -8,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Protocol
 
+import numpy as np
+
+from ..runtime.active import SolveOutput, Work
+from ..runtime.engine import Engine
 from ..runtime.result import ClassifyResult
 
 Outcome = ClassifyResult | BaseException
@@ -62,3 +68,40 @@ def resolve(items: list[tuple[asyncio.Future[ClassifyResult], Outcome]]) -> None
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def answer(engine: Engine, finished: list[Work]) -> int:
+    """S for every finished work (its ``tag`` an ``Answerable`` request of ``rows`` inputs) in one
+    run, then each caller gets its own slice; returns how many were answered (0 if S failed, in
+    which case each gets the error)."""
+    reqs = [w.tag for w in finished]
+    if len(finished) == 1:  # the common case under load: nothing to join or to split
+        out = finished[0].out
+        tols: np.ndarray = np.full(len(out.iterations), finished[0].tol, np.float32)
+    else:
+        outs = [w.out for w in finished]
+        out = SolveOutput(
+            np.concatenate([o.u for o in outs]),
+            np.concatenate([o.iterations for o in outs]),
+            np.concatenate([o.residuals for o in outs]),
+            np.concatenate([o.steps for o in outs]),
+        )
+        tols = np.concatenate([np.full(len(w.out.iterations), w.tol, np.float32) for w in finished])
+    try:
+        result = engine.decode(out, tols, finished[0].out.trace if len(finished) == 1 else None)
+    except Exception as exc:
+        settle([(req, exc) for req in reqs])
+        return 0
+    if len(reqs) == 1:
+        settle([(reqs[0], result)])
+    else:
+        parts = _split(result, [len(w.out.iterations) for w in finished])
+        settle([(w.tag, part.with_trace(w.out.trace)) for w, part in zip(finished, parts, strict=True)])
+    return len(reqs)
+
+
+def _split(result: ClassifyResult, rows: list[int]) -> list[ClassifyResult]:
+    """One result per request, by consecutive row counts; one softmax for all of them."""
+    result.probabilities  # noqa: B018 -- computed once here, then sliced
+    bounds = np.cumsum([0, *rows]).tolist()
+    return [result.take(slice(a, b)) for a, b in itertools.pairwise(bounds)]

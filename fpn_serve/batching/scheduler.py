@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import threading
 import time
@@ -38,11 +37,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, QueueFull
-from ..runtime.active import ActiveSet, SolveOutput, Work
+from ..runtime.active import ActiveSet, Work
 from ..runtime.engine import Engine
 from ..runtime.request import Prepared
 from ..runtime.result import ClassifyResult
-from .delivery import AnyFuture, Outcome, settle, still_wanted
+from .delivery import AnyFuture, Outcome, answer, resolve, settle, still_wanted
 from .policy import ENCODE_ROWS, SLACK, QueuePolicy, expected_iterations
 
 __all__ = ["QueueFull", "Scheduler", "expected_iterations"]
@@ -200,12 +199,7 @@ class Scheduler:
 
     # -- the caller's side -------------------------------------------------------------------
     def _prepare(self, x: Prepared | Any, tol: float | None, max_iter: int | None, options: dict[str, Any]) -> Prepared:
-        prepared = x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, **options)
-        if prepared.solver != "fixed_point":
-            raise InputError(f"the shared batch runs the fixed_point solver, not {prepared.solver!r}; use engine.run")
-        if prepared.rows > self.max_active:
-            raise InputError(f"{prepared.rows} inputs in one request; this scheduler runs at most {self.max_active}")
-        return prepared
+        return _admissible(x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, **options), self)
 
     def _enqueue(
         self,
@@ -251,28 +245,17 @@ class Scheduler:
         ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX Runtime
         run): the same answer to the bit as the shared batch gives, without two thread hand-offs
         and the per-iteration bookkeeping."""
-        outcome: Outcome
-        try:
-            outcome = self.engine.run(req.prepared)
-        except Exception as exc:
-            outcome = exc
-        finally:
-            with self._lock:
-                self.policy.release(1)
-                self._alone_rows = 0
-                self._alone_count += 1
-                if self.policy.waiting:
-                    self._to_encode.notify()
+        outcome = _outcome(self.engine, req.prepared)
+        with self._lock:
+            self.policy.release(1)
+            self._alone_rows = 0
+            self._alone_count += 1
+            if self.policy.waiting:
+                self._to_encode.notify()
         if req.loop is not None:
             self._loop_owed = True
             req.loop.call_soon(self._loop_turned)
-        future = req.future
-        if future.done():  # an asyncio caller gave up meanwhile
-            return
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
+        resolve([(req.future, outcome)])  # type: ignore[list-item]  # skipped if its caller gave up
 
     def _loop_turned(self) -> None:
         self._loop_owed = False
@@ -355,37 +338,10 @@ class Scheduler:
         answered = [w for w in finished if not w.abandoned]
         self._counts["evicted"] += len(finished) - len(answered)
         if answered:
-            self._answer(answered)
+            self._counts["answered"] += answer(self.engine, answered)
 
     def _inspect(self, mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.engine.inspect(self._runner.current(mask), steps)
-
-    def _answer(self, finished: list[Work]) -> None:
-        """S for every finished request in one run, then each caller gets its own slice."""
-        reqs: list[_Request] = [w.tag for w in finished]
-        if len(finished) == 1:  # the common case under load: nothing to join or to split
-            out = finished[0].out
-            tols: np.ndarray = np.full(len(out.iterations), finished[0].tol, np.float32)
-        else:
-            outs = [w.out for w in finished]
-            out = SolveOutput(
-                np.concatenate([o.u for o in outs]),
-                np.concatenate([o.iterations for o in outs]),
-                np.concatenate([o.residuals for o in outs]),
-                np.concatenate([o.steps for o in outs]),
-            )
-            tols = np.concatenate([np.full(len(w.out.iterations), w.tol, np.float32) for w in finished])
-        try:
-            result = self.engine.decode(out, tols, finished[0].out.trace if len(finished) == 1 else None)
-        except Exception as exc:
-            settle([(req, exc) for req in reqs])
-            return
-        if len(reqs) == 1:
-            settle([(reqs[0], result)])
-        else:
-            parts = _split(result, [r.prepared.rows for r in reqs])
-            settle([(w.tag, part.with_trace(w.out.trace)) for w, part in zip(finished, parts, strict=True)])
-        self._counts["answered"] += len(reqs)
 
     def _fail_all(self, exc: Exception, joining: list[_Request]) -> None:
         """An iteration failed: every request in the active batch, joining it or encoded for it gets
@@ -403,11 +359,19 @@ class Scheduler:
             self._runner.keep(np.zeros(self._runner.n, bool))
 
 
-def _split(result: ClassifyResult, rows: list[int]) -> list[ClassifyResult]:
-    """One result per request, by consecutive row counts; one softmax for all of them."""
-    result.probabilities  # noqa: B018 -- computed once here, then sliced
-    bounds = np.cumsum([0, *rows]).tolist()
-    return [result.take(slice(a, b)) for a, b in itertools.pairwise(bounds)]
+def _admissible(prepared: Prepared, scheduler: Scheduler) -> Prepared:
+    if prepared.solver != "fixed_point":
+        raise InputError(f"the shared batch runs the fixed_point solver, not {prepared.solver!r}; use engine.run")
+    if prepared.rows > scheduler.max_active:
+        raise InputError(f"{prepared.rows} inputs in one request; this scheduler runs at most {scheduler.max_active}")
+    return prepared
+
+
+def _outcome(engine: Engine, prepared: Prepared) -> Outcome:
+    try:
+        return engine.run(prepared)
+    except Exception as exc:
+        return exc
 
 
 def _starts(requests: list[_Request], z: np.ndarray) -> np.ndarray | None:
