@@ -127,41 +127,13 @@ class Engine:
         return self._single is not None
 
     # -- requests: validated once (``prepare``), then run as they are ------------------------
-    def prepare(
-        self,
-        x: Any,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        *,
-        solver: str = "fixed_point",
-        deadline_ms: float | None = None,
-        started: float | None = None,
-        stop: str = "tol",
-        trace: bool = False,
-        u0: Any = None,
-        keep_latents: bool = False,
-        target_accuracy: float | None = None,
-        latency_budget_ms: float | None = None,
-        batch: int = 1,
-    ) -> Prepared:
-        """Validate a request once (see ``RequestRules.prepare``); raises InputError."""
-        if latency_budget_ms is not None and self.rules.targets.costs is None:
+    def prepare(self, x: Any, tol: float | None = None, max_iter: int | None = None, **options: Any) -> Prepared:
+        """Validate a request once; ``options`` are ``RequestRules.prepare``'s (solver, deadline_ms,
+        started, stop, trace, u0, keep_latents, target_accuracy, latency_budget_ms, batch).
+        Raises InputError."""
+        if options.get("latency_budget_ms") is not None and self.rules.targets.costs is None:
             self.measure_costs()
-        return self.rules.prepare(
-            x,
-            tol,
-            max_iter,
-            solver=solver,
-            deadline_ms=deadline_ms,
-            started=started,
-            stop=stop,
-            trace=trace,
-            u0=u0,
-            keep_latents=keep_latents,
-            target_accuracy=target_accuracy,
-            latency_budget_ms=latency_budget_ms,
-            batch=batch,
-        )
+        return self.rules.prepare(x, tol, max_iter, **options)
 
     @property
     def targets(self) -> Targets:
@@ -183,18 +155,7 @@ class Engine:
         """Fill in the manifest defaults and check the ranges: 0 <= tol <= 1, 1 <= max_iter <= cap."""
         return self.rules.resolve(tol, max_iter)
 
-    def classify(
-        self,
-        x: Any,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        *,
-        solver: str = "fixed_point",
-        deadline_ms: float | None = None,
-        stop: str = "tol",
-        trace: bool = False,
-        u0: Any = None,
-    ) -> ClassifyResult:
+    def classify(self, x: Any, tol: float | None = None, max_iter: int | None = None, **options: Any) -> ClassifyResult:
         """Classify normalised inputs ``x`` [batch, *input_shape]; ``None`` takes the manifest default.
 
         Each sample iterates until its own residual is <= tol or it has had max_iter applications
@@ -206,11 +167,11 @@ class Engine:
         sample at its first certified label (``result.certified``) or max_iter; ``trace`` records
         every iteration (``result.trace``); ``u0`` [batch, *latent] starts from there instead of
         0 (the fixed point is unique: only the iterations change; ``result.latents`` of one call
-        is the ``u0`` of the next, for a stream). Raises InputError for a bad array or parameter.
+        is the ``u0`` of the next, for a stream). ``target_accuracy`` or ``latency_budget_ms`` choose
+        tol and max_iter (see ``targets.py``). Every option is ``prepare``'s. Raises InputError for
+        a bad array or parameter.
         """
-        return self.run(
-            self.prepare(x, tol, max_iter, solver=solver, deadline_ms=deadline_ms, stop=stop, trace=trace, u0=u0)
-        )
+        return self.run(self.prepare(x, tol, max_iter, **options))
 
     def classify_fixed(self, x: Any, iterations: int) -> ClassifyResult:
         """Run exactly ``iterations`` applications of T for every sample, with no early exit.
