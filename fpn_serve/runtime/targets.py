@@ -88,14 +88,14 @@ class Costs:
         batches: tuple[int, ...] = (1, 16, 256),
         repeats: int = 15,
     ) -> Costs:
-        """``run(x, k)`` answers inputs ``x`` with exactly ``k`` iterations; timed at 1 and 9."""
+        """``run(x, k)`` answers inputs ``x`` with exactly ``k`` iterations; timed at 1 and 25."""
         rng = np.random.default_rng(0)
         fixed, step = [], []
         for b in batches:
             x = rng.normal(0, 1, (b, *input_shape)).astype(np.float32)
             one = _median(lambda x=x: run(x, 1), repeats)  # type: ignore[misc]
-            nine = _median(lambda x=x: run(x, 9), repeats)  # type: ignore[misc]
-            per = max(0.0, (nine - one) / 8)
+            many = _median(lambda x=x: run(x, 25), repeats)  # type: ignore[misc]
+            per = max(0.0, (many - one) / 24)
             step.append(per)
             fixed.append(max(0.0, one - per))
         return cls(batches, tuple(fixed), tuple(step))
