@@ -1,4 +1,6 @@
-"""The demo page in a real headless Chromium: draw a stroke, move the slider, see the answer change.
+"""The demo page in a real headless Chromium: draw a stroke, move the slider, see the answer change;
+the trace chart follows the answer (one point and one label per iteration, the first certified one
+marked), the certified-stop toggle stops there. A screenshot is kept as the test's artifact.
 
 Needs Debian's ``chromium`` and ``chromium-driver`` (``.ci/run`` installs them).
 """
@@ -8,6 +10,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -38,7 +41,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-        "--window-size=1000,900",
+        "--window-size=1000,1250",
     ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -47,7 +50,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     driver.quit()
 
 
-def test_draw_a_stroke_and_move_the_tolerance(browser: object, server: httpx.Client, tmp_path: Path) -> None:
+def test_draw_a_stroke_and_move_the_tolerance(
+    browser: object, server: httpx.Client, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -77,4 +82,38 @@ def test_draw_a_stroke_and_move_the_tolerance(browser: object, server: httpx.Cli
     at_1e1 = int(text("iterations"))
     assert at_1e1 < at_1e3 < at_1e6
     assert text("label") == "1" and text("converged") == "yes" and text("error") == ""
-    driver.save_screenshot(str(tmp_path / "demo.png"))  # type: ignore[attr-defined]
+    assert text("stop") == "tol" and "calibrated at tol 1e-1" in text("calibration")
+    _check_trace(driver, at_1e1)
+
+    toggle = driver.find_element(By.ID, "certified-stop")  # type: ignore[attr-defined]
+    toggle.click()
+    wait.until(lambda d: text("stop") == "certified")
+    first = driver.find_element(By.ID, "trace").get_attribute("data-certified-at")  # type: ignore[attr-defined]
+    assert text("certified") == "yes" and text("iterations") == first  # stopped at the first certified label
+    _check_trace(driver, int(text("iterations")))
+    toggle.click()
+    slider.send_keys(*([Keys.ARROW_LEFT] * 4))  # -> 1e-5: a longer trace for the picture
+    wait.until(lambda d: text("tol-value") == "1e-5" and text("stop") == "tol")
+    wait.until(lambda d: int(text("iterations")) > at_1e1 + 3)
+    _check_trace(driver, int(text("iterations")))
+    assert text("label") == "1" and text("error") == ""
+    shot = tmp_path_factory.getbasetemp() / "artifacts" / "demo_page.png"
+    shot.parent.mkdir(exist_ok=True)
+    driver.save_screenshot(str(shot))  # type: ignore[attr-defined]
+    print(f"demo page screenshot: {shot}")
+
+
+def _check_trace(driver: Any, iterations: int) -> None:
+    """The chart and the step list show one point and one label per iteration, the first
+    certified step marked, and agree with the answer's certificate."""
+    from selenium.webdriver.common.by import By
+
+    chart = driver.find_element(By.ID, "trace")
+    assert chart.get_attribute("data-points") == str(iterations)
+    step_list = driver.find_elements(By.CSS_SELECTOR, "#steps .step")
+    assert [s.text.split(": ")[0] for s in step_list] == [str(k) for k in range(1, iterations + 1)]
+    assert all(s.text.split(": ")[1] in "0123456789" for s in step_list)
+    certified = ["certified" in (s.get_attribute("class") or "") for s in step_list]
+    first = chart.get_attribute("data-certified-at")
+    assert first == (str(certified.index(True) + 1) if any(certified) else "")
+    assert certified[-1] is (driver.find_element(By.ID, "certified").text == "yes")
