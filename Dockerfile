@@ -37,6 +37,7 @@ RUN pip install --no-cache-dir onnxruntime-gpu==1.31.1 -r /tmp/requirements-serv
 USER 10001
 WORKDIR /home/fpn
 EXPOSE 8000
+EXPOSE 8001
 HEALTHCHECK --interval=30s --timeout=3s CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready')"]
 CMD ["fpn-serve"]
 
@@ -51,5 +52,6 @@ RUN pip install --no-cache-dir onnxruntime==1.31.1 -r /tmp/requirements-serve.tx
 USER 10001
 WORKDIR /home/fpn
 EXPOSE 8000
+EXPOSE 8001
 HEALTHCHECK --interval=30s --timeout=3s CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready')"]
 CMD ["fpn-serve"]

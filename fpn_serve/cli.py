@@ -1,4 +1,5 @@
-"""``fpn-serve``: serve model folders (or stores of them) over HTTP with uvicorn."""
+"""``fpn-serve``: serve model folders (or stores of them) over HTTP with uvicorn, and over gRPC beside it
+(``--grpc-port``, 0 for none) on the same asyncio loop and models."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from . import __version__
+from .batching.registry import ModelRegistry
 from .contract.store import default_store
 from .errors import FPNServeError
 from .http.app import create_app, load_models
@@ -74,10 +76,43 @@ def main(argv: list[str] | None = None) -> int:
     except FPNServeError as exc:
         print(f"fpn-serve: error: {exc}", file=sys.stderr)
         return 1
+    app = create_app(settings, paths, registry)
+    server = _uvicorn_server(settings, registry, app)
+    server.run()
+    return 1 if server.failed else 0
+
+
+def _uvicorn_server(settings: Settings, registry: ModelRegistry, app: Any) -> Any:
+    """uvicorn's server for ``app``, with the gRPC endpoint (unless ``settings.grpc_port`` is 0) on
+    the same loop and registry: bound before the app starts, serving once the app's lifespan has
+    started the schedulers, stopped before the lifespan stops them."""
     import uvicorn
 
-    class DrainingServer(uvicorn.Server):
+    from .grpc import GrpcEndpoint
+
+    class Server(uvicorn.Server):
         """On the first SIGTERM/SIGINT, readiness turns false; uvicorn's graceful exit follows after drain_s."""
+
+        failed = False
+        grpc: GrpcEndpoint | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            if settings.grpc_port:
+                try:
+                    self.grpc = GrpcEndpoint(registry, settings)
+                    self.grpc.bind()
+                except FPNServeError as exc:
+                    logging.getLogger("fpn_serve").error("%s", exc)
+                    self.failed = self.should_exit = True
+                    return
+            await super().startup(sockets)
+            if self.grpc is not None and self.started:
+                await self.grpc.start()
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            if self.grpc is not None:
+                await self.grpc.stop()
+            await super().shutdown(sockets)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             if registry.draining or settings.drain_s == 0:
@@ -87,10 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("fpn_serve").info("draining for %.1f s before shutdown", settings.drain_s)
             threading.Timer(settings.drain_s, super().handle_exit, args=(sig, frame)).start()
 
-    app = create_app(settings, paths, registry)
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
-    server.run()
-    return 0
+    return Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
 
 
 def entry() -> None:

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port")
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="TCP port of the gRPC endpoint (Open Inference Protocol); 0: no gRPC"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when it really initialises")
     max_iter_cap: int = Field(default=DEFAULT_MAX_ITER_CAP, ge=1, description="largest max_iter a request may ask for")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body")

@@ -15,6 +15,10 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A server a test starts listens for gRPC only where the test asks for a port (FPN_SERVE_GRPC_PORT):
+# the default 8001 would be one port for every server of the session.
+os.environ.setdefault("FPN_SERVE_GRPC_PORT", "0")
 SHIPPED_MODEL = REPO / "models" / "mnist"
 
 
