@@ -22,11 +22,11 @@ param_values = st.one_of(
     st.integers(min_value=-(10**12), max_value=10**12),
     st.text(max_size=20),
     st.sampled_from(["nan", "inf", "-0", "1e-400", "../../etc/passwd", "fixed_point", "anderson", "%00", ""]),
+    st.sampled_from(["true", "false", "1", "0", "yes", "tol", "certified", "x" * 200]),
 )
-query = st.fixed_dictionaries(
-    {},
-    optional={k: param_values for k in ("tol", "max_iter", "model", "solver", "deadline_ms", "top_k")},
-)
+NAMES = ("tol", "max_iter", "model", "solver", "deadline_ms", "top_k", "stop", "trace")
+SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
+query = st.fixed_dictionaries({}, optional={k: param_values for k in NAMES + SEQUENCE})
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=5)),
     lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=6), children, max_size=4),

@@ -45,6 +45,15 @@ def streams(mnist_root: Path) -> list[list[bytes]]:
 
 
 @pytest.fixture(scope="module")
+def server(shipped_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    """A server of this module's own: its sequence store holds only these tests' streams."""
+    from ..conftest import running_server  # type: ignore[import-not-found,misc]
+
+    with running_server(shipped_model, tmp_path_factory.mktemp("streams")) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
 def engine(shipped_model: Path) -> Engine:
     return Engine.load(shipped_model, device="cpu", threads=1)
 
