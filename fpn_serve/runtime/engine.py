@@ -37,6 +37,8 @@ __all__ = ["DEFAULT_MAX_ITER_CAP", "ClassifyResult", "Engine", "softmax"]
 
 log = logging.getLogger("fpn_serve")
 
+RUNNER_CACHE_ROWS = 256  # step loops up to this many rows reuse a runner of their thread
+
 
 class Engine:
     """A loaded model: an ONNX Runtime session per graph of its folder (Q, T, S and the fused variants
@@ -65,6 +67,7 @@ class Engine:
         self._latent = tuple(manifest.latent_shape)
         # ||u_k - u*|| <= gamma / (1 - gamma) * ||u_k - u_{k-1}|| for a gamma-contraction
         self.certifier = LabelCertifier(manifest)
+        self._runners = threading.local()  # each thread's cached step runners (see _runner_for)
 
     @classmethod
     def load(
@@ -276,18 +279,35 @@ class Engine:
         )
         if solver == "anderson":
             return anderson(self.apply_t, z, tol, max_iter, u0=u0, active=active, inspect=self.inspect)
-        runner = self.new_runner(batch)
+        runner = self._runner_for(batch)
         runner.add(z, u0)
 
         def inspect(mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return self.inspect(runner.current(mask), steps)
 
-        while active.n:
-            r, st = runner.step()
-            keep, _ = active.advance(r, st, runner.current, inspect)
-            if keep is not None and active.n:
-                runner.keep(keep)
+        try:
+            while active.n:
+                r, st = runner.step()
+                keep, _ = active.advance(r, st, runner.current, inspect)
+                if keep is not None and active.n:
+                    runner.keep(keep)
+        finally:
+            runner.clear()
         return work.out
+
+    def _runner_for(self, batch: int) -> StepRunner:
+        """This thread's step runner for ``batch`` rows: one per power-of-two capacity up to
+        RUNNER_CACHE_ROWS, kept with its bindings (a request's loop then allocates nothing to start)."""
+        if batch > RUNNER_CACHE_ROWS or self.device != "cpu":
+            return self.new_runner(batch)
+        capacity = 1 << (batch - 1).bit_length()
+        runners: dict[int, StepRunner] | None = getattr(self._runners, "by_capacity", None)
+        if runners is None:
+            runners = self._runners.by_capacity = {}
+        runner = runners.get(capacity)
+        if runner is None:
+            runner = runners[capacity] = self.new_runner(capacity)
+        return runner
 
     def apply_t(self, u: np.ndarray, z: np.ndarray) -> np.ndarray:
         """One application of T to a batch of latents: u_next = T(u, z) (T.onnx, no stopping)."""

@@ -78,6 +78,11 @@ class StepRunner:
         self.n = n2
         self._rebind()
 
+    def clear(self) -> None:
+        """Drop every row (the buffers and cached bindings stay, for the next samples)."""
+        self.n = 0
+        self._bindings = []
+
     def current(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
         """A host copy of the current iterate of the given active rows (all by default)."""
         if self._cuda:
