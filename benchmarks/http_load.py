@@ -6,7 +6,8 @@ Starts the server on a free loopback port, then for each scenario runs ``--clien
 keep-alive connections for ``--seconds`` with ``wrk`` (Debian package ``wrk``; it costs the
 server's two cores far less than a Python client) or, where wrk is absent, asyncio + httpx:
 ``/healthz`` (the HTTP floor),
-``/classify`` with one PNG digit at several tolerances, and ``/v2/models/mnist/infer``. Prints
+``/classify`` with one PNG digit at several tolerances, and ``/v2/models/mnist/infer`` with a JSON
+body and with Triton's binary tensor data (a raw input, binary outputs: tritonclient's default). Prints
 throughput, p50 and p99 latency and errors, and writes benchmarks/results/http_load.json. Every
 request loop is bounded in time and count and goes only to 127.0.0.1.
 """
@@ -125,6 +126,20 @@ def wrk_scenario(base: str, clients: int, seconds: float, request: dict[str, Any
     }
 
 
+def binary_request(x: np.ndarray, tol: float) -> dict[str, Any]:
+    """A v2 infer request as tritonclient.http sends it by default: the input as raw bytes after
+    the JSON header, every output asked in binary."""
+    raw = x.astype("<f4").tobytes()
+    tensor = {"name": "x", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": len(raw)}}
+    header = json.dumps({"inputs": [tensor], "parameters": {"tol": tol, "binary_data_output": True}}).encode()
+    return {
+        "method": "POST",
+        "url": "/v2/models/mnist/infer",
+        "content": header + raw,
+        "headers": {"content-type": "application/octet-stream", "Inference-Header-Content-Length": str(len(header))},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=32)
@@ -152,6 +167,7 @@ def main() -> None:
             "headers": {"content-type": "image/png"},
         }
     scenarios["v2 infer tol=1e-3"] = {"method": "POST", "url": "/v2/models/mnist/infer", "json": v2}
+    scenarios["v2 binary tol=1e-3"] = binary_request(x, tol=1e-3)
     scenarios = {k: v for k, v in scenarios.items() if k == "healthz" or args.only in k}
 
     port = free_port()

@@ -25,10 +25,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from .. import oip
+from ..batching.registry import ModelRegistry
 from ..runtime.request import Prepared
 from ..runtime.result import ClassifyResult
+from ..settings import Settings
 from . import binary, repository
 from .body import read_body
 from .deps import AppSettings, Registry
@@ -70,22 +73,56 @@ async def model_ready(registry: Registry, name: str, version: str | None = None)
     return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
 
 
+async def _infer(
+    registry: ModelRegistry, settings: Settings, name: str, version: str | None, scope: Scope, receive: Receive
+) -> Response:
+    """One inference request, from its path parameters, headers and body to its answer."""
+    started = time.perf_counter()
+    header_length = encoding = None
+    for key, value in scope["headers"]:
+        if key == b"inference-header-content-length":
+            header_length = value.decode("latin-1")
+        elif key == b"content-encoding":
+            encoding = value.decode("latin-1")
+    with registry.lease(name, version) as engine:  # a model unloaded meanwhile finishes this request
+        body = binary.parse_body(await read_body(receive), header_length, encoding)
+        x = oip.validate_inputs(engine, body.inputs, settings.max_inputs)
+        names = oip.validate_outputs(body.outputs)
+
+        async def run(prepared: Prepared) -> ClassifyResult:
+            return await run_model(registry, engine, prepared, settings.request_timeout_s, receive)
+
+        result = await oip.execute(registry, engine, x, body.parameters, run, started=started)
+    return binary.answer(engine.name, engine.manifest.version, body.id, result, names, body.binary)
+
+
+class _LeanInfer:
+    """The ASGI app that answers the infer routes, without FastAPI's dependency and parameter
+    machinery (the request needs none of it: ``_infer`` reads and checks everything itself). It
+    runs inside the router, so the middleware and the error table are those of every route; the
+    declared route below documents it in OpenAPI and answers the same way."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path  # the route's path, for the request metrics by route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = self
+        state = scope["app"].state
+        params = scope["path_params"]
+        response = await _infer(state.registry, state.settings, params["name"], params.get("version"), scope, receive)
+        await response(scope, receive, send)
+
+
+for _path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+    # before the declared routes, so it is the one matched; Starlette calls an ASGI app as an endpoint
+    router.add_route(_path, _LeanInfer(_path), methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
+
+
 @router.post("/models/{name}/infer", summary="v2 inference")
 @router.post("/models/{name}/versions/{version}/infer", summary="v2 inference (one version)")
 async def infer(
     request: Request, registry: Registry, settings: AppSettings, name: str, version: str | None = None
 ) -> Response:
-    started = time.perf_counter()
-    headers = request.headers
-    with registry.lease(name, version) as engine:  # a model unloaded meanwhile finishes this request
-        body = binary.parse_body(
-            await read_body(request.receive), headers.get(binary.HEADER_LENGTH), headers.get("content-encoding")
-        )
-        x = oip.validate_inputs(engine, body.inputs, settings.max_inputs)
-        names = oip.validate_outputs(body.outputs)
-
-        async def run(prepared: Prepared) -> ClassifyResult:
-            return await run_model(registry, engine, prepared, settings.request_timeout_s, request.receive)
-
-        result = await oip.execute(registry, engine, x, body.parameters, run, started=started)
-    return binary.answer(engine.name, engine.manifest.version, body.id, result, names, body.binary)
+    """JSON, or Triton's binary tensor data (a JSON header of ``Inference-Header-Content-Length``
+    bytes, then the raw inputs); answered the same way (see the module's docstring)."""
+    return await _infer(registry, settings, name, version, request.scope, request.receive)
