@@ -279,6 +279,14 @@ async def classify(
         str | None,
         Query(description="a stream's id (a positive integer or a string): its next input starts from its last state"),
     ] = None,
+    target_accuracy: Annotated[
+        float | None,
+        Query(gt=0, le=1, description="instead of tol: the loosest calibrated tol whose accuracy reaches this"),
+    ] = None,
+    latency_budget_ms: Annotated[
+        float | None,
+        Query(gt=0, le=60_000, description="instead of tol: the tightest calibrated tol that fits this budget"),
+    ] = None,
     sequence_start: Annotated[bool, Query(description="true: the first input of the stream (a cold start)")] = False,
     sequence_end: Annotated[
         bool, Query(description="true: the last input of the stream (its state is dropped)")
@@ -295,6 +303,8 @@ async def classify(
             "deadline_ms": deadline_ms,
             "solver": solver,
             "stop": stop,
+            "target_accuracy": target_accuracy,
+            "latency_budget_ms": latency_budget_ms,
             **{name: text.get(name) for name in DIAL_TEXT},
         },
         from_text=True,

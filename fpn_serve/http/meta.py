@@ -3,7 +3,7 @@
 ``/models`` shows what a caller chooses from: per model the calibration table (tol -> mean
 iterations, accuracy, latency, measured on the model's test set at export), whether the model
 certifies labels (``stop=certified`` and ``label_certified``), and the certified stop's row where
-the manifest's calibration has one (its ``certified`` entry).
+the manifest's calibration has one (its ``certified_stop`` entry).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def model_info(engine: Engine) -> ModelInfo:
         calibration=calibration,
         tolerances=sorted(rows, key=lambda r: -(r.tol or 0.0)),
         certifies=engine.rules.certifies,
-        certified_stop=_row(calibration.get("certified")) if engine.rules.certifies else None,
+        certified_stop=_row(calibration.get("certified_stop")) if engine.rules.certifies else None,
     )
 
 

@@ -138,7 +138,23 @@ def test_models_show_the_calibration_table_and_the_certificate(server: httpx.Cli
         source = next(r for r in rows if r["tol"] == row["tol"])
         assert row["mean_iterations"] == source["mean_iterations"] and row["accuracy"] == source["accuracy"]
         assert row["latency_us_batch1"] == source["latency_us_batch1"]
-    assert info.get("certified_stop") == manifest["calibration"].get("certified")  # none in the shipped one
+    certified = manifest["calibration"].get("certified_stop")
+    if certified is None:
+        assert info.get("certified_stop") is None
+    else:
+        assert info["certified_stop"]["mean_iterations"] == certified["mean_iterations"]
+        assert info["certified_stop"]["accuracy"] == certified["accuracy"]
+
+
+def test_a_target_accuracy_picks_a_calibrated_tol(server: httpx.Client, digits: list[bytes]) -> None:
+    (info,) = server.get("/models").json()
+    loosest = info["tolerances"][0]
+    body = _classify(server, digits[0], target_accuracy=0.99)
+    assert body["tol"] in [r["tol"] for r in info["tolerances"]] and body["tol"] <= loosest["tol"]
+    r = server.post(
+        "/classify", params={"target_accuracy": 1}, content=digits[0], headers={"content-type": "image/png"}
+    )
+    assert r.status_code == 422 and "accuracy" in r.json()["detail"], r.text  # no calibrated tol reaches 100 %
 
 
 LONG_ID = "s" * 129

@@ -458,7 +458,7 @@ def test_the_metrics_count_lean_requests_by_route(clients: tuple[Client, Client,
     assert 'fpn_requests_total{route="/classify",status="400"}' in text  # from the bad bodies above
 
 
-DIAL = ("stop", "trace", "sequence_id", "sequence_start", "sequence_end")
+DIAL = ("stop", "trace", "sequence_id", "sequence_start", "sequence_end", "target_accuracy", "latency_budget_ms")
 
 
 def test_openapi_still_documents_classify(clients: tuple[Client, Client, list[int]]) -> None:
