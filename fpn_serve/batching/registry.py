@@ -160,6 +160,8 @@ class ModelRegistry:
         opts = self._scheduling
         sched = Scheduler(engine, max_active=opts.get("max_active", 256), max_queue=opts.get("max_queue", 1024))
         sched.start()
+        # latency targets need this machine's costs: measured once the model serves, beside its traffic
+        threading.Thread(target=_measure_costs, args=(engine,), name=f"fpn-costs-{engine.name}", daemon=True).start()
         return sched
 
     def stop(self) -> None:
@@ -274,6 +276,13 @@ class ModelRegistry:
 def _check_name(name: Any) -> None:
     if not isinstance(name, str) or not _PLAIN_NAME.match(name):
         raise InputError(f"{name!r} is not a model name (1-64 letters, digits, '_', '.' or '-', never a path)")
+
+
+def _measure_costs(engine: Engine) -> None:
+    try:
+        engine.measure_costs()
+    except Exception:  # a latency target then measures on first use, and says so if it fails
+        log.exception("model %s: measuring its costs for latency targets failed", engine.name)
 
 
 def serving_threads(threads: int) -> int:

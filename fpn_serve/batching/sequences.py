@@ -102,7 +102,8 @@ class SequenceStore:
             if ref.end or latents is None:
                 self._live.pop(ref.id, None)
                 return
-            self._live[ref.id] = (self._clock(), latents)
+            # a copy: an answer's latents may be a slice of the whole batch's array, kept alive by a view
+            self._live[ref.id] = (self._clock(), np.array(latents, np.float32, copy=True))
             self._live.move_to_end(ref.id)
             while len(self._live) > self.max_sequences:
                 self._live.popitem(last=False)

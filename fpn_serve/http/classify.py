@@ -80,12 +80,20 @@ class Prediction(BaseModel):
     trace: list[TraceStep] | None = None  # with trace=true: one step per iteration
 
 
+class Chosen(BaseModel):
+    by: Literal["target_accuracy", "latency_budget_ms"]
+    requested: float
+    accuracy_lower_bound: float  # one-sided 95 % bound on the chosen tolerance's calibrated accuracy
+    predicted_p99_ms: float | None = None  # for a latency budget
+
+
 class ClassifyResponse(BaseModel):
     model: str
     latency_ms: float
     tol: float
     max_iter: int
     stop: Literal["tol", "certified"]  # the stopping rule that was used
+    chosen: Chosen | None = None  # present when a target chose tol and max_iter
     predictions: list[Prediction]
 
 
@@ -142,6 +150,7 @@ def answer(
             "tol": request.tol,
             "max_iter": request.max_iter,
             "stop": request.stop,
+            **({"chosen": request.choice.report()} if request.choice is not None else {}),
             "predictions": predictions,
         }
     )

@@ -1,9 +1,11 @@
 """What the server serves and how it is doing: ``GET /models``, ``GET /healthz``, ``GET /metrics``.
 
 ``/models`` shows what a caller chooses from: per model the calibration table (tol -> mean
-iterations, accuracy, latency, measured on the model's test set at export), whether the model
-certifies labels (``stop=certified`` and ``label_certified``), and the certified stop's row where
-the manifest's calibration has one (its ``certified_stop`` entry).
+iterations, accuracy, latency, measured at export on the images its ``calibration.split`` names),
+the same rows as targets (each accuracy's one-sided 95 % lower bound, which ``target_accuracy``
+compares, and the p99 latency this server predicts from the costs it measured when it started,
+which ``latency_budget_ms`` compares), whether the model certifies labels (``stop=certified`` and
+``label_certified``), and the certified stop's row where the manifest's calibration has one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ class CalibrationRow(BaseModel):
     latency_us_batch1: float | None = None  # one input alone, Q and S included
 
 
+class TargetRow(BaseModel):
+    tol: float
+    max_iter: int
+    accuracy: float
+    accuracy_lower_bound: float  # one-sided 95 % (Wilson) over the calibration images
+    mean_iterations: float
+    p99_iterations: int
+    predicted_p99_ms: float | None  # on this server, one input alone; None before costs are measured
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
@@ -41,6 +53,8 @@ class ModelInfo(BaseModel):
     tolerances: list[CalibrationRow]  # the table a caller picks tol from, loosest first
     certifies: bool  # stop=certified is accepted and label_certified can be true
     certified_stop: CalibrationRow | None = None  # stop=certified's row, where the calibration has one
+    calibration_split: str  # the images the table was measured on
+    targets: list[TargetRow]  # what target_accuracy and latency_budget_ms choose from, loosest first
 
 
 def _row(raw: Any) -> CalibrationRow | None:
@@ -68,6 +82,8 @@ def model_info(engine: Engine) -> ModelInfo:
         tolerances=sorted(rows, key=lambda r: -(r.tol or 0.0)),
         certifies=engine.rules.certifies,
         certified_stop=_row(calibration.get("certified_stop")) if engine.rules.certifies else None,
+        calibration_split=engine.targets.split,
+        targets=[TargetRow.model_validate(r) for r in engine.targets.table()],
     )
 
 

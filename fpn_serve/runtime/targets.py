@@ -63,6 +63,16 @@ class Choice:
     target: str  # "target_accuracy" or "latency_budget_ms"
     lower_bound: float  # of the chosen row's accuracy
     predicted_p99_ms: float | None = None  # for a latency budget
+    requested: float | None = None  # the target's value, as the caller gave it
+
+    def report(self) -> dict[str, float | str | None]:
+        """What the answer says about the choice."""
+        return {
+            "by": self.target,
+            "requested": self.requested,
+            "accuracy_lower_bound": round(self.lower_bound, 5),
+            "predicted_p99_ms": None if self.predicted_p99_ms is None else round(self.predicted_p99_ms, 4),
+        }
 
 
 @dataclass
@@ -142,7 +152,7 @@ class Targets:
         """The loosest row whose lower bound reaches ``target``."""
         for row in self.rows:
             if row.lower_bound >= target:
-                return Choice(row.tol, row.max_iter, "target_accuracy", row.lower_bound)
+                return Choice(row.tol, row.max_iter, "target_accuracy", row.lower_bound, requested=target)
         best = max(self.rows, key=lambda r: r.lower_bound, default=None)
         if best is None:
             raise TargetUnreachable("this model has no calibration table, so it cannot choose by target_accuracy")
@@ -169,7 +179,8 @@ class Targets:
                 f"{self.predicted_p99_ms(fastest, batch):.3f} ms at p99 (tol={fastest.tol:g}) on this machine"
             )
         row = min(fitting, key=lambda r: r.tol)
-        return Choice(row.tol, row.max_iter, "latency_budget_ms", row.lower_bound, self.predicted_p99_ms(row, batch))
+        predicted = self.predicted_p99_ms(row, batch)
+        return Choice(row.tol, row.max_iter, "latency_budget_ms", row.lower_bound, predicted, budget_ms)
 
     def table(self, batch: int = 1) -> list[dict[str, float | int | None]]:
         """What callers choose from: each row with its accuracy bound and predicted p99 latency."""

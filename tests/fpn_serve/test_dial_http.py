@@ -151,6 +151,18 @@ def test_a_target_accuracy_picks_a_calibrated_tol(server: httpx.Client, digits: 
     loosest = info["tolerances"][0]
     body = _classify(server, digits[0], target_accuracy=0.99)
     assert body["tol"] in [r["tol"] for r in info["tolerances"]] and body["tol"] <= loosest["tol"]
+    chosen = body["chosen"]  # the answer says what chose tol and why
+    assert chosen["by"] == "target_accuracy" and chosen["requested"] == 0.99 and chosen["accuracy_lower_bound"] >= 0.99
+    row = next(r for r in info["targets"] if r["tol"] == body["tol"])
+    assert row["accuracy_lower_bound"] == chosen["accuracy_lower_bound"]
+    assert all(r["accuracy_lower_bound"] < 0.99 for r in info["targets"] if r["tol"] > body["tol"])
+    timed = _classify(server, digits[0], latency_budget_ms=50)
+    assert timed["chosen"]["by"] == "latency_budget_ms" and timed["chosen"]["predicted_p99_ms"] <= 50
+    assert timed["tol"] == min(r["tol"] for r in info["targets"])  # 50 ms fits every row: the tightest
+    r = server.post(
+        "/classify", params={"latency_budget_ms": 1e-4}, content=digits[0], headers={"content-type": "image/png"}
+    )
+    assert r.status_code == 422 and "the fastest this model offers" in r.json()["detail"], r.text
     r = server.post(
         "/classify", params={"target_accuracy": 1}, content=digits[0], headers={"content-type": "image/png"}
     )
