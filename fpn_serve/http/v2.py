@@ -39,39 +39,6 @@ from .execute import run_model
 
 EXTENSIONS = ("binary_tensor_data", "model_repository")
 
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
-router.include_router(repository.router)
-
-
-@router.get("/health/live", summary="v2 liveness")
-async def live() -> dict[str, bool]:
-    return {"live": True}
-
-
-@router.get("/health/ready", summary="v2 readiness: every model loaded")
-async def ready(registry: Registry) -> JSONResponse:
-    ok = registry.ready()
-    return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
-
-
-@router.get("", summary="v2 server metadata")
-async def server_metadata() -> dict[str, Any]:
-    return oip.server_metadata(EXTENSIONS)
-
-
-@router.get("/models/{name}", summary="v2 model metadata")
-@router.get("/models/{name}/versions/{version}", summary="v2 model metadata (one version)")
-async def model_metadata(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
-    return JSONResponse(oip.model_metadata(registry.get(name, version)))
-
-
-@router.get("/models/{name}/ready", summary="v2 model readiness")
-@router.get("/models/{name}/versions/{version}/ready", summary="v2 model readiness (one version)")
-async def model_ready(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
-    engine = registry.get(name, version)
-    ok = registry.ready(engine.name)
-    return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
-
 
 async def _infer(
     registry: ModelRegistry, settings: Settings, name: str, version: str | None, scope: Scope, receive: Receive
@@ -113,9 +80,43 @@ class _LeanInfer:
         await response(scope, receive, send)
 
 
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (v2)"])
 for _path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
-    # before the declared routes, so it is the one matched; Starlette calls an ASGI app as an endpoint
+    # first of the v2 routes: matched first, before the declared ones; Starlette calls an ASGI app as an endpoint
     router.add_route(_path, _LeanInfer(_path), methods=["POST"], include_in_schema=False)  # type: ignore[arg-type]
+
+
+router.include_router(repository.router)
+
+
+@router.get("/health/live", summary="v2 liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="v2 readiness: every model loaded")
+async def ready(registry: Registry) -> JSONResponse:
+    ok = registry.ready()
+    return JSONResponse(status_code=200 if ok else 503, content={"ready": ok})
+
+
+@router.get("", summary="v2 server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return oip.server_metadata(EXTENSIONS)
+
+
+@router.get("/models/{name}", summary="v2 model metadata")
+@router.get("/models/{name}/versions/{version}", summary="v2 model metadata (one version)")
+async def model_metadata(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
+    return JSONResponse(oip.model_metadata(registry.get(name, version)))
+
+
+@router.get("/models/{name}/ready", summary="v2 model readiness")
+@router.get("/models/{name}/versions/{version}/ready", summary="v2 model readiness (one version)")
+async def model_ready(registry: Registry, name: str, version: str | None = None) -> JSONResponse:
+    engine = registry.get(name, version)
+    ok = registry.ready(engine.name)
+    return JSONResponse(status_code=200 if ok else 503, content={"name": engine.name, "ready": ok})
 
 
 @router.post("/models/{name}/infer", summary="v2 inference")
