@@ -110,8 +110,22 @@ class ModelRegistry:
             engine = self.get(name, version)
             key = id(engine)
             self._leases[key] = self._leases.get(key, 0) + 1
-        try:
+        with self._held(key):
             yield engine
+
+    @contextmanager
+    def hold(self, engine: Engine) -> Iterator[Engine]:
+        """A lease on an engine already looked up (``get``): it keeps its scheduler while held."""
+        key = id(engine)
+        with self._cond:
+            self._leases[key] = self._leases.get(key, 0) + 1
+        with self._held(key):
+            yield engine
+
+    @contextmanager
+    def _held(self, key: int) -> Iterator[None]:
+        try:
+            yield
         finally:
             with self._cond:
                 held = self._leases[key] - 1

@@ -97,11 +97,12 @@ async def run_model(
     """Answer one prepared request: fixed-point requests share the model's active batch (the
     scheduler), other solvers run on their own in a worker thread; both within ``timeout_s``."""
     try:
-        if request.solver == "fixed_point":
-            future = registry.scheduler_for(engine).submit_async(request)
-            result = await await_answer(future, timeout_s, receive)
-        else:
-            result = await within(run_in_threadpool(engine.run, request), timeout_s)
+        with registry.hold(engine):  # unloaded or replaced meanwhile, it finishes this request
+            if request.solver == "fixed_point":
+                future = registry.scheduler_for(engine).submit_async(request)
+                result = await await_answer(future, timeout_s, receive)
+            else:
+                result = await within(run_in_threadpool(engine.run, request), timeout_s)
     except (TimedOut, ClientDisconnect) as exc:
         registry.metrics.observe_abandoned(engine.name, "timeout" if isinstance(exc, TimedOut) else "client_gone")
         raise
