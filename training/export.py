@@ -35,12 +35,14 @@ from .certify import measure_contraction
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import TrainConfig
 from .data import DataError, TensorSplit, load_split
+from .derive import DERIVABLE, derive_folder, normalised, source_manifest
 from .export_graphs import GRAPH_FILES, ExportError, finish_graph, graph_file, strip_graph, write_graphs
 from .export_manifest import DARK_BACKGROUND, build_manifest, dark_background, stored_spec, write_manifest
 from .fpn import FPN
 from .label_certificate import label_certificate
+from .ort_format import write_ort
 from .parity import check_parity, compare_single_graphs, measure_parity
-from .precision import PRECISIONS
+from .precision import PRECISIONS, calibration_sample
 
 __all__ = [
     "DARK_BACKGROUND",
@@ -71,6 +73,8 @@ MIN_OPSET, MAX_OPSET = 18, 23
 PRECISION_NOTES = {
     "fp16": "Q, T and S in float16 with float32 inputs and outputs (onnxconverter-common)",
     "int8": "Q with dynamic int8 weights (onnxruntime.quantization); T and S in float32",
+    "int8-static": "Q statically quantized (QOperator: uint8 activations calibrated on training images, "
+    "per-channel 7-bit int8 weights; first convolution in float32); T and S in float32",
 }
 
 
@@ -138,6 +142,12 @@ class ExportJob:
                 return held.normalise(held.images).numpy(), held.labels.numpy(), name
         return self.x, self.y, "test"
 
+    def quantization_inputs(self) -> np.ndarray:
+        """The training images a static quantization measures its activation ranges on."""
+        train = load_split(self.cfg.dataset, Path(self.args.data_root), train=True, limit=self.cfg.limit_train)
+        train = TensorSplit(train.images, train.labels, stored_spec(self.cfg, self.payload))
+        return calibration_sample(train.normalise(train.images).numpy(), self.args.quantization_images)
+
 
 def load_job(args: argparse.Namespace) -> ExportJob:
     """Step 1: the checkpoint, the output folder's name, the defaults and the test inputs."""
@@ -169,7 +179,8 @@ def load_job(args: argparse.Namespace) -> ExportJob:
 def write_model(job: ExportJob, folder: Path, precision: str) -> Engine:
     """Write the graphs in ``precision`` and their manifest into ``folder``; the engine that serves them."""
     args = job.args
-    roles = write_graphs(job.model, job.input_shape, folder, job.name, args.opset, precision, args.loop)
+    calibration = job.quantization_inputs() if precision == "int8-static" else None
+    roles = write_graphs(job.model, job.input_shape, folder, job.name, args.opset, precision, args.loop, calibration)
     job.manifest = build_manifest(
         job.name, job.model, job.cfg, job.payload, folder, job.tol, job.max_iter, args.opset, roles, precision
     )
@@ -282,8 +293,56 @@ def export(args: argparse.Namespace) -> Path:
         engine = certify(job, engine)
         calibrate_tolerances(job, engine)
         write_documents(job, staging)
+        if args.ort:
+            job.manifest["ort"] = write_ort(staging)
+            write_manifest(staging, job.manifest)
     log.info("wrote %s", job.out)
     return job.out
+
+
+def export_from_model(args: argparse.Namespace) -> Path:
+    """``--from-model``: the ``args.precision`` variant of an exported fp32 folder, from its own graphs
+    (``training.derive``): Q quantized with ranges measured on the dataset's training images, the
+    accuracy against the source on the test images and the calibration table through ``fpn_serve``."""
+    src, out = Path(args.from_model), Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
+        raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    try:
+        document = source_manifest(src)
+    except (ModelError, ValueError) as exc:
+        raise ExportError(str(exc)) from exc
+    dataset, root = document["provenance"]["dataset"], Path(args.data_root)
+    train = load_split(dataset, root, train=True)
+    calibration = calibration_sample(normalised(train.images.numpy(), document), args.quantization_images)
+    test = load_split(dataset, root, train=False, limit=args.calibration_limit)
+    x, y = normalised(test.images.numpy(), document), test.labels.numpy()
+    with staging_folder(out) as staging:
+        manifest = derive_folder(src, staging, args.name or out.name, args.precision, calibration)
+        engine, reference = _load_engine(staging), _load_engine(src)
+        tol, max_iter = manifest["solver"]["tol"], manifest["solver"]["max_iter"]
+        accuracy = float((engine.classify(x, tol=tol, max_iter=max_iter).labels == y).mean())
+        accuracy_fp32 = float((reference.classify(x, tol=tol, max_iter=max_iter).labels == y).mean())
+        manifest["precision"].update(
+            {
+                "converted": PRECISION_NOTES[args.precision],
+                "calibration_images": len(calibration),
+                "accuracy": accuracy,
+                "accuracy_fp32": accuracy_fp32,
+                "accuracy_difference": accuracy - accuracy_fp32,
+                "at_tol": tol,
+                "test_images": len(y),
+            }
+        )
+        log.info("%s: accuracy %.2f %% (fp32 %.2f %%)", args.precision, 100 * accuracy, 100 * accuracy_fp32)
+        manifest["calibration"] = calibrate(engine, x, y, max_iter, split="test")
+        write_manifest(staging, manifest)
+        plot(manifest["calibration"], f"{manifest['name']} ({args.precision})", staging / "calibration.png")
+        model_card(manifest, staging / "README.md")
+        if args.ort:
+            manifest["ort"] = write_ort(staging)
+            write_manifest(staging, manifest)
+    log.info("wrote %s", out)
+    return out
 
 
 def _load_engine(folder: Path) -> Engine:
@@ -356,7 +415,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default=None, help="model name in the manifest (default: the folder's name)")
     p.add_argument("--data-root", default="data", help="dataset folder for the parity check and calibration")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="numeric precision of the graphs")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISIONS,
+        help="numeric precision of the graphs: fp16 (every graph), int8 (Q with dynamic int8 weights; "
+        "slower than fp32 on CPUs), int8-static (Q quantized statically, calibrated on training images; "
+        "the fast int8 on CPUs); T and S stay float32 in the int8 variants",
+    )
+    p.add_argument(
+        "--from-model",
+        metavar="MODEL_DIR",
+        help="instead of a checkpoint, derive the --precision variant (int8 or int8-static) of an exported "
+        "fp32 folder from its own graphs, e.g. models/mnist -> models/mnist-int8",
+    )
+    p.add_argument("--quantization-images", type=int, default=1024, help="training images that calibrate int8-static")
+    p.add_argument(
+        "--ort",
+        action="store_true",
+        help="also write every graph in ONNX Runtime's ORT format (X.ort beside X.onnx) and "
+        "required_operators.config for a reduced (mobile) ONNX Runtime build; each is checked against its .onnx",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of the graphs")
     p.add_argument(
         "--tol", type=float, default=None, help="default tolerance in the manifest (default: the training tol)"
@@ -391,8 +470,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.verify is None and (args.checkpoint is None or args.out is None):
-        parser.error("give a CHECKPOINT and --out MODEL_DIR to export, or --verify MODEL_DIR to check a folder")
+    one_source = (args.checkpoint is None) != (args.from_model is None)
+    if args.verify is None and (args.out is None or not one_source):
+        parser.error(
+            "give a CHECKPOINT (or --from-model MODEL_DIR) and --out MODEL_DIR to export, "
+            "or --verify MODEL_DIR to check a folder"
+        )
+    if args.from_model is not None and args.precision not in DERIVABLE:
+        parser.error(f"--from-model derives {' or '.join(DERIVABLE)}, not --precision {args.precision}")
+    if args.quantization_images < 1:
+        parser.error(f"--quantization-images must be >= 1, got {args.quantization_images}")
     if args.parity_images < 256:
         parser.error(f"--parity-images must be at least 256, got {args.parity_images}")
     if args.tol is not None and not 0 < args.tol <= 1:
@@ -417,7 +504,7 @@ def cli(argv: list[str] | None = None) -> int:
             log.info("%s: every check passed", args.verify)
         return 1 if problems else 0
     try:
-        export(args)
+        export(args) if args.from_model is None else export_from_model(args)
     except (ExportError, CheckpointError, DataError, OSError) as exc:
         print(f"fpn-export: error: {exc}", file=sys.stderr)
         return 1

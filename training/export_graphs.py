@@ -10,6 +10,7 @@ import io
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -121,9 +122,17 @@ def finish_graph(path: Path, name: str, role: str, opset: int) -> None:
 
 
 def write_graphs(
-    model: FPN, input_shape: tuple[int, ...], folder: Path, name: str, opset: int, precision: str, loop: bool
+    model: FPN,
+    input_shape: tuple[int, ...],
+    folder: Path,
+    name: str,
+    opset: int,
+    precision: str,
+    loop: bool,
+    calibration: np.ndarray | None = None,
 ) -> list[str]:
-    """Write Q, T, S (in ``precision``), step.onnx and, with ``loop``, FPN.onnx and FPN1.onnx; return the roles."""
+    """Write Q, T, S (in ``precision``), step.onnx and, with ``loop``, FPN.onnx and FPN1.onnx; return the
+    roles. ``calibration``: normalised training inputs, for ``int8-static``."""
     latent = model.config.latent_dim
     x = torch.zeros(2, *input_shape)
     u = torch.zeros(2, latent)
@@ -131,7 +140,7 @@ def write_graphs(
     onnx.save(crop_unread_input(onnx.load(str(folder / "Q.onnx"))), str(folder / "Q.onnx"))
     export_graph(_TGraph(model), (u, u.clone()), ["u", "z"], "u_next", folder / "T.onnx", opset)
     export_graph(_SGraph(model), (u,), ["u"], "logits", folder / "S.onnx", opset)
-    convert_precision(folder, precision)
+    convert_precision(folder, precision, calibration)
     q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
     onnx.save(build_step_model(t), str(folder / "step.onnx"))
     roles = ["Q", "T", "S", "step"]

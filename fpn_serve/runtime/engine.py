@@ -26,7 +26,7 @@ from ..contract.manifest import Manifest, load_manifest
 from ..errors import ModelError
 from .active import ActiveSet, SolveOutput, Trace
 from .certificate import LabelCertifier
-from .providers import CUDA_PROVIDER, choose_providers, session_options
+from .providers import CUDA_PROVIDER, choose_providers, open_session
 from .request import DEFAULT_MAX_ITER_CAP, Prepared, RequestRules
 from .result import ClassifyResult, softmax
 from .runner import StepRunner
@@ -80,9 +80,10 @@ class Engine:
     ) -> Engine:
         """Validate ``model_dir`` (manifest, sha256 of each graph, I/O names and shapes) and open it.
 
-        ``device`` is ``auto`` (CUDA when it really initialises, else CPU), ``cpu`` or ``cuda``.
-        ``threads`` caps ONNX Runtime's intra-op threads for Q (0: its default); T and S are
-        tiny and run on one thread. Raises ModelError with what is wrong.
+        ``device`` is ``auto`` (CUDA when it really initialises, else CPU), ``cpu``, ``cuda``, or an
+        execution provider with options (``providers.choose_providers``). ``threads`` caps ONNX
+        Runtime's intra-op threads for Q and FPN.onnx, which do a batch's work (0: its default);
+        T, S, step.onnx and FPN1.onnx run on one thread. Raises ModelError with what is wrong.
         """
         model_dir = Path(model_dir)
         manifest = load_manifest(model_dir)
@@ -95,15 +96,8 @@ class Engine:
         log.info("model %s: running on %s (%s)", manifest.name, chosen, why)
         sessions = {}
         for role, ref in manifest.graphs.items():
-            options = session_options(threads if role == "Q" else 1)
-            if manifest.precision_name == "fp16":
-                # On the CPU ONNX Runtime runs fp16 graphs in float32 through casts it inserts. In T.onnx
-                # and step.onnx a weight's cast folds into a constant whose MatMul is prepacked, and that
-                # rounds differently from the same MatMul inside FPN.onnx's or FPN1.onnx's loop (cast at
-                # run time): 4 of 96 digits changed iteration counts. Unpacked, every path agrees to the bit.
-                options.add_session_config_entry("session.disable_prepacking", "1")
-            try:
-                sessions[role] = ort.InferenceSession(str(model_dir / ref.file), options, providers=providers)
+            try:  # threads per role, Q in chunks on the CPU: providers.open_session
+                sessions[role] = open_session(model_dir / ref.file, role, threads, providers, manifest.precision_name)
             except Exception as exc:
                 raise ModelError(f"{model_dir}: {ref.file} does not load in ONNX Runtime: {exc}") from exc
         _check_signatures(manifest, sessions, model_dir)
