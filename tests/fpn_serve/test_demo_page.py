@@ -92,6 +92,21 @@ def test_draw_a_stroke_and_move_the_tolerance(
     assert text("certified") == "yes" and text("iterations") == first  # stopped at the first certified label
     _check_trace(driver, int(text("iterations")))
     toggle.click()
+    wait.until(lambda d: text("stop") == "tol")
+    # a target accuracy instead of the slider: the server picks the tol, the page says so
+    from selenium.webdriver.support.ui import Select
+
+    targets = server.get("/models").json()[0]["targets"]
+    choice = Select(driver.find_element(By.ID, "target"))  # type: ignore[attr-defined]
+    bounds = sorted({r["accuracy_lower_bound"] for r in targets})
+    assert [o.get_attribute("value") for o in choice.options][1:] == [str(b) for b in bounds]
+    choice.select_by_index(len(choice.options) - 1)  # the highest bound the model offers
+    wait.until(lambda d: "chosen by target_accuracy" in text("stop"))
+    loosest = max(r["tol"] for r in targets if r["accuracy_lower_bound"] >= bounds[-1])
+    assert f"tol {loosest:.0e}".replace("e-0", "e-") in text("stop").replace("e-0", "e-")
+    assert not driver.find_element(By.ID, "tol").is_enabled()  # type: ignore[attr-defined]
+    choice.select_by_index(0)
+    wait.until(lambda d: text("stop") == "tol")
     slider.send_keys(*([Keys.ARROW_LEFT] * 4))  # -> 1e-5: a longer trace for the picture
     wait.until(lambda d: text("tol-value") == "1e-5" and text("stop") == "tol")
     wait.until(lambda d: int(text("iterations")) > at_1e1 + 3)

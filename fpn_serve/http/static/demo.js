@@ -1,4 +1,5 @@
-// The demo page: a drawing pad, a log-scale tolerance slider, a certified-stop toggle, and the
+// The demo page: a drawing pad, a log-scale tolerance slider, a certified-stop toggle, a target
+// accuracy chosen from the model's calibrated targets (the server then picks tol), and the
 // model's live answer with its trace: the residual at each iteration on a log scale, the
 // tolerance line, the label at each step and the first certified one. Plain canvas drawing.
 (() => {
@@ -10,6 +11,7 @@
   const bars = document.getElementById("bars");
   const error = document.getElementById("error");
   const certifiedStop = document.getElementById("certified-stop");
+  const target = document.getElementById("target");
   const chart = document.getElementById("trace");
   const steps = document.getElementById("steps");
   const calibration = document.getElementById("calibration");
@@ -88,11 +90,30 @@
     showCalibration();
     if (dirty) classify();
   });
+  target.addEventListener("change", () => {
+    tol.disabled = target.value !== "";
+    if (dirty) classify();
+  });
   document.getElementById("clear").addEventListener("click", clearPad);
   modelSelect.addEventListener("change", () => {
+    showTargets();
     showCalibration();
     if (dirty) classify();
   });
+
+  // The accuracies a caller may target: each calibrated tol's one-sided 95 % lower bound.
+  function showTargets() {
+    const m = modelsByName[modelSelect.value];
+    target.replaceChildren(target.options[0]);
+    const bounds = [...new Set((m ? m.targets : []).map((r) => r.accuracy_lower_bound))].sort((a, b) => a - b);
+    for (const bound of bounds) {
+      const option = document.createElement("option");
+      option.value = String(bound);
+      option.textContent = `>= ${(bound * 100).toFixed(2)} % (95 % lower bound)`;
+      target.append(option);
+    }
+    tol.disabled = false;
+  }
 
   // What the model's calibration (measured at export on its test set) says of the chosen rule.
   function showCalibration() {
@@ -194,7 +215,9 @@
     document.getElementById("bound").textContent = exp(p.error_bound);
     document.getElementById("converged").textContent = p.converged ? "yes" : "no";
     document.getElementById("certified").textContent = p.label_certified ? "yes" : "no";
-    document.getElementById("stop").textContent = data.stop;
+    document.getElementById("stop").textContent = data.chosen
+      ? `${data.stop}, tol ${data.tol.toExponential(0)} chosen by ${data.chosen.by}`
+      : data.stop;
     drawTrace(p.trace || [], data.tol);
     renderSteps(p.trace || []);
     document.getElementById("latency").textContent = `${data.latency_ms.toFixed(2)} ms`;
@@ -217,7 +240,9 @@
     if (pending) pending.abort();
     pending = new AbortController();
     const blob = await new Promise((resolve) => pad.toBlob(resolve, "image/png"));
-    const params = new URLSearchParams({ tol: currentTol().toExponential(0), trace: "true" });
+    const params = new URLSearchParams({ trace: "true" });
+    if (target.value) params.set("target_accuracy", target.value);
+    else params.set("tol", currentTol().toExponential(0));
     if (certifiedStop.checked) params.set("stop", "certified");
     if (modelSelect.value) params.set("model", modelSelect.value);
     try {
@@ -246,6 +271,7 @@
         labelsByModel[m.name] = m.labels;
         modelsByName[m.name] = m;
       }
+      showTargets();
       showCalibration();
     } catch (e) {
       error.textContent = `cannot list the models: ${e}`;
