@@ -4,6 +4,7 @@ the scheduler under load.
     python benchmarks/engine.py                     # all parts, shipped model, CPU
     python benchmarks/engine.py --parts iteration   # one part
     python benchmarks/engine.py --quick             # fewer repeats (a smoke run)
+    python benchmarks/engine.py --parts q_precision # Q in fp32 and int8-static, chunks, loop threads
 
 Prints a table per part and writes ``benchmarks/results/engine.json`` and
 ``benchmarks/results/tolerance_curve.png``. Every comparison is measured side by side in one run;
@@ -19,6 +20,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -296,6 +298,90 @@ def bench_scheduler(model_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str
     return {"tol_0.1_alone_ms": alone, "q_threads": serving_threads(0), "rows": rows, "stats": scheduler.stats}
 
 
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model and its instruction sets (``lscpu``), and whether it has int8 dot products."""
+    info: dict[str, str] = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = info.get("Flags", "").split()
+    vnni = [f for f in flags if "vnni" in f or f.startswith("amx")]
+    return {"model": info.get("Model name", platform.processor()), "flags": flags, "int8_dot_product": vnni}
+
+
+def _interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each function, called in turn round after round (side by side)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(repeats + warmup):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_q_precision(fp32_dir: Path, int8_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str, Any]:
+    """Q by precision (fp32, int8-static) in one call at batch 1 and 256 and per input by chunk size, on
+    one thread; FPN.onnx at batch 256 and FPN1.onnx at batch 1 on one thread and two. Side by side."""
+    import onnxruntime as ort
+
+    def session(path: Path, threads: int) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    q = {"fp32": session(fp32_dir / "Q.onnx", 1), "int8-static": session(int8_dir / "Q.onnx", 1)}
+    x256 = np.ascontiguousarray(x_all[:256])
+    one = {k: (lambda s=s: s.run(["z"], {"x": x256[:1]})) for k, s in q.items()}
+    whole = {k: (lambda s=s: s.run(["z"], {"x": x256})) for k, s in q.items()}
+    b1 = _interleaved(one, 300 if quick else 3000, 50)
+    b256 = _interleaved(whole, 10 if quick else 60, 3)
+    chunks = {}
+    for c in (1, 8, 16, 32, 64, 256):
+        fns = {
+            k: (lambda s=s, c=c: [s.run(["z"], {"x": x256[i : i + c]}) for i in range(0, 256, c)]) for k, s in q.items()
+        }
+        chunks[c] = {k: 1e6 * v / 256 for k, v in _interleaved(fns, 5 if quick else 25, 2).items()}
+    feeds = {"tol": np.array(1e-4, np.float32), "max_iter": np.array(100, np.int64)}
+    loops: dict[str, float] = {}
+    for model_dir in (fp32_dir, int8_dir):
+        fpn = {f"{model_dir.name} FPN b256 t{t}": session(model_dir / "FPN.onnx", t) for t in (1, 2)}
+        fpn1 = {f"{model_dir.name} FPN1 b1 t{t}": session(model_dir / "FPN1.onnx", t) for t in (1, 2)}
+        big = {k: (lambda s=s: s.run(None, {"x": x256, **feeds})) for k, s in fpn.items()}
+        small = {k: (lambda s=s: s.run(None, {"x": x256[:1], **feeds})) for k, s in fpn1.items()}
+        loops |= _interleaved(big, 5 if quick else 30, 2) | _interleaved(small, 200 if quick else 2000, 50)
+    return {
+        "cpu": cpu_description(),
+        "q_us": {"batch1": {k: 1e6 * v for k, v in b1.items()}, "batch256": {k: 1e6 * v for k, v in b256.items()}},
+        "q_speedup": {"batch1": b1["fp32"] / b1["int8-static"], "batch256": b256["fp32"] / b256["int8-static"]},
+        "q_us_per_input_by_chunk": chunks,
+        "loops_ms": {k: 1e3 * v for k, v in loops.items()},
+    }
+
+
+def print_q_precision(r: dict[str, Any]) -> None:
+    cpu = r["cpu"]
+    print(f"\nCPU: {cpu['model']}")
+    print(f"flags: {' '.join(cpu['flags'])}")
+    if not cpu["int8_dot_product"]:
+        print("this CPU has no VNNI/AMX int8 dot products: int8 runs on AVX2/AVX-512 u8 x s8 kernels (measured anyway)")
+    print("\nQ by precision, one thread (median us, interleaved)")
+    print(f"{'batch':>6} {'fp32':>10} {'int8-static':>12} {'speedup':>8}")
+    for b in ("batch1", "batch256"):
+        us = r["q_us"][b]
+        print(f"{b.removeprefix('batch'):>6} {us['fp32']:>10.1f} {us['int8-static']:>12.1f} {r['q_speedup'][b]:>7.2f}x")
+    print("\nQ per input over 256 inputs by chunk size, one thread (median us)")
+    for c, us in r["q_us_per_input_by_chunk"].items():
+        print(f"{c:>6} {us['fp32']:>10.1f} {us['int8-static']:>12.1f}")
+    print("\nFused loops at tol 1e-4 by threads (median ms)")
+    for k, ms in r["loops_ms"].items():
+        print(f"{k:>28} {ms:>9.3f}")
+
+
 def bench_tolerance_curve(engine: Engine, x: np.ndarray, y: np.ndarray, out_png: Path) -> list[dict[str, Any]]:
     rows = []
     for tol in TOLS:
@@ -334,9 +420,10 @@ def bench_tolerance_curve(engine: Engine, x: np.ndarray, y: np.ndarray, out_png:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=REPO / "models" / "mnist")
+    p.add_argument("--int8-model", type=Path, default=REPO / "models" / "mnist-int8")
     p.add_argument("--data-root", type=Path, default=REPO / "data")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--parts", nargs="*", default=["batch1", "iteration", "torch", "scheduler", "curve"])
+    p.add_argument("--parts", nargs="*", default=["batch1", "iteration", "torch", "scheduler", "q_precision", "curve"])
     p.add_argument("--quick", action="store_true", help="fewer repeats")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
@@ -401,6 +488,9 @@ def main() -> None:
                 f"{r['throughput_ratio']:>5.2f}x {s['p50_ms']['0.1']:>8.3f}m {s['p99_ms']['1e-06']:>8.3f}m "
                 f"{r['tol_0.1_p50_vs_alone']:>7.2f}x"
             )
+    if "q_precision" in args.parts:
+        report["q_precision"] = bench_q_precision(args.model, args.int8_model, x, args.quick)
+        print_q_precision(report["q_precision"])
     if "curve" in args.parts:
         rows = bench_tolerance_curve(engine, x, y, args.out / "tolerance_curve.png")
         report["tolerance_curve"] = rows
