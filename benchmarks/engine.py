@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +311,7 @@ def cpu_description() -> dict[str, Any]:
     return {"model": info.get("Model name", platform.processor()), "flags": flags, "int8_dot_product": vnni}
 
 
-def _interleaved(fns: dict[str, Callable[..., object]], repeats: int, warmup: int) -> dict[str, float]:
+def _interleaved(fns: Mapping[str, Callable[..., object]], repeats: int, warmup: int) -> dict[str, float]:
     """Median seconds of each function, called in turn round after round (side by side)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(repeats + warmup):
