@@ -48,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         else:
             kwargs["default"] = default
             kwargs["type"] = type(default) if not isinstance(default, str) else str
-        if name in ("device", "log_level"):
+        if name == "log_level":
             kwargs["choices"] = list(get_args(info.annotation))
         p.add_argument(flag, **kwargs)
     return p

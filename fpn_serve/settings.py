@@ -8,10 +8,12 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contract.images import DEFAULT_MAX_PIXELS
+from .errors import ModelError
+from .runtime.providers import parse_device
 from .runtime.request import DEFAULT_MAX_ITER_CAP
 
 
@@ -25,7 +27,12 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         default=8001, ge=0, le=65535, description="TCP port of the gRPC endpoint (Open Inference Protocol); 0: no gRPC"
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto: CUDA when it really initialises")
+    device: str = Field(
+        default="auto",
+        description="auto (CUDA when it really initialises), cpu, cuda, or an ONNX Runtime execution provider "
+        "(tensorrt, openvino, coreml, nnapi, qnn, xnnpack, ...) as name[:key=value,...]; one that does not "
+        "initialise falls back to the CPU with a log line saying why",
+    )
     max_iter_cap: int = Field(default=DEFAULT_MAX_ITER_CAP, ge=1, description="largest max_iter a request may ask for")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1, description="largest request body")
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1, description="largest image (width x height) decoded")
@@ -51,6 +58,15 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         default="info", description="log verbosity"
     )
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        try:
+            parse_device(value)
+        except ModelError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @property
     def bearer_token(self) -> str | None:
