@@ -94,6 +94,9 @@ class ChunkedSession(ort.InferenceSession):  # type: ignore[misc]  # onnxruntime
         return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
 
 
+CHUNKED_PRECISIONS = ("fp32", "int8-static")
+
+
 def open_session(path: Path, role: str, threads: int, providers: Sequence[Any], precision: str) -> ort.InferenceSession:
     """The session of graph ``role`` of a model folder, with its threads (``session_threads``); Q on
     the CPU alone runs in chunks (``ChunkedSession``)."""
@@ -104,7 +107,10 @@ def open_session(path: Path, role: str, threads: int, providers: Sequence[Any], 
         # rounds differently from the same MatMul inside FPN.onnx's or FPN1.onnx's loop (cast at
         # run time): 4 of 96 digits changed iteration counts. Unpacked, every path agrees to the bit.
         options.add_session_config_entry("session.disable_prepacking", "1")
-    cls = ChunkedSession if role == "Q" and list(providers) == [CPU] else ort.InferenceSession
+    # Chunks give the one-call answer only where Q's arithmetic does not depend on the batch: not for
+    # dynamic int8 (activation ranges per call) nor fp16 (its casts, whose kernels differ by batch size).
+    chunked = role == "Q" and list(providers) == [CPU] and precision in CHUNKED_PRECISIONS
+    cls = ChunkedSession if chunked else ort.InferenceSession
     return cls(str(path), options, providers=list(providers))
 
 

@@ -95,7 +95,7 @@ def _image_requests_get_the_token_check_and_the_timeout(locked: httpx.Client, re
     [
         (["--port", "70000"], "--port: Input should be less than or equal to 65535"),
         (["--max-inputs", "0"], "--max-inputs: Input should be greater than or equal to 1"),
-        (["--device", "tpu"], "invalid choice: 'tpu'"),
+        (["--device", "tpu"], "--device: Value error, unknown device 'tpu'; choose one of auto, cpu, cuda, tensorrt"),
     ],
 )
 def test_bad_flags_get_one_clear_line(args: list[str], message: str) -> None:
