@@ -106,8 +106,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             names = oip.validate_outputs([o.name for o in request.outputs] or None)
             params = parameters_of(request.parameters)
             run = functools.partial(self._run, engine, self._timeout(context))
-            result = await oip.execute(self.registry, engine, x, params, run, started=started, from_text=True)
-        return infer_response(request, engine, result, names)
+            prepared, result = await oip.execute(self.registry, engine, x, params, run, started=started, from_text=True)
+        return infer_response(request, engine, result, names, oip.answer_parameters(prepared))
 
     def _timeout(self, context: Any) -> float:
         """Seconds the call may wait for its answer: the server's request timeout, or less where

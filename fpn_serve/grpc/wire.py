@@ -83,10 +83,22 @@ def _contents(tensor: pb.ModelInferRequest.InferInputTensor) -> list[Any]:
 
 
 def infer_response(
-    request: pb.ModelInferRequest, engine: Engine, result: ClassifyResult, names: tuple[str, ...]
+    request: pb.ModelInferRequest,
+    engine: Engine,
+    result: ClassifyResult,
+    names: tuple[str, ...],
+    parameters: Mapping[str, float | int | str] | None = None,
 ) -> pb.ModelInferResponse:
-    """The answer: the outputs ``names`` (``oip``'s output table) as raw little-endian bytes."""
+    """The answer: the outputs ``names`` (``oip``'s output table) as raw little-endian bytes, and
+    ``parameters`` (what ran: tol, max_iter, stop, a target's choice) in the response's parameters."""
     response = pb.ModelInferResponse(model_name=engine.name, model_version=engine.manifest.version, id=request.id)
+    for key, given in (parameters or {}).items():
+        if isinstance(given, str):
+            response.parameters[key].string_param = given
+        elif isinstance(given, int):
+            response.parameters[key].int64_param = given
+        else:
+            response.parameters[key].double_param = given
     for name in names:
         value = oip.output_value(result, name)
         response.outputs.add(name=name, datatype=oip.output_datatype(name), shape=value.shape)

@@ -131,9 +131,16 @@ def _flag(params: dict[str, Any], key: str, whose: str) -> bool:
 
 
 def answer(
-    model: str, version: str, request_id: Any, result: ClassifyResult, names: tuple[str, ...], binary: list[bool]
+    model: str,
+    version: str,
+    request_id: Any,
+    result: ClassifyResult,
+    names: tuple[str, ...],
+    binary: list[bool],
+    parameters: dict[str, Any] | None = None,
 ) -> Response:
-    """The inference answer: JSON, or with the outputs asked in binary after the JSON header."""
+    """The inference answer: JSON, or with the outputs asked in binary after the JSON header;
+    ``parameters`` (what ran: tol, max_iter, stop, a target's choice) in the answer's ``parameters``."""
     flags = binary if len(binary) == len(names) else binary * len(names)
     outputs, chunks = [], []
     for name, as_binary in zip(names, flags, strict=True):
@@ -147,6 +154,8 @@ def answer(
             tensor["data"] = value.ravel()  # orjson writes numpy arrays, inf and NaN as null
         outputs.append(tensor)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if parameters:
+        doc["parameters"] = parameters
     if request_id is not None:
         doc["id"] = request_id
     header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)

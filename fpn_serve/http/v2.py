@@ -59,8 +59,10 @@ async def _infer(
         async def run(prepared: Prepared) -> ClassifyResult:
             return await run_model(registry, engine, prepared, settings.request_timeout_s, receive)
 
-        result = await oip.execute(registry, engine, x, body.parameters, run, started=started)
-    return binary.answer(engine.name, engine.manifest.version, body.id, result, names, body.binary)
+        prepared, result = await oip.execute(registry, engine, x, body.parameters, run, started=started)
+    return binary.answer(
+        engine.name, engine.manifest.version, body.id, result, names, body.binary, oip.answer_parameters(prepared)
+    )
 
 
 class _LeanInfer:

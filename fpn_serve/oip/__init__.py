@@ -14,7 +14,8 @@ answers back. The API::
     names = oip.validate_outputs(requested_names_or_None)           # tuple of output names
 
     with registry.lease(model_name, version) as engine:   # ModelNotFound; an unload waits for it
-        result = await oip.execute(registry, engine, x, request_parameters, run, started=t0)
+        prepared, result = await oip.execute(registry, engine, x, request_parameters, run, started=t0)
+    oip.answer_parameters(prepared)   # the answer's parameters: tol, max_iter, stop, what a target chose
     # run(prepared) -> awaitable ClassifyResult, the protocol's: for solver "fixed_point"
     # registry.scheduler_for(engine).submit_async(prepared) (the shared active batch), else
     # engine.run(prepared) in a worker thread; HTTP's is http.execute.run_model
@@ -30,7 +31,7 @@ parameter: 400 on v2), LimitExceeded (too many inputs), ModelNotFound, QueueFull
 names the problem and what the model expects.
 """
 
-from .execute import Run, execute
+from .execute import Executed, Run, answer_parameters, execute
 from .metadata import PLATFORM, SERVER_NAME, model_metadata, server_metadata
 from .tensors import DTYPES, OUTPUTS, check_shape, decode_list, decode_raw, output_datatype, output_value, raw_size
 from .validate import INPUT_DATATYPE, INPUT_NAME, InputTensor, input_shape, validate_inputs, validate_outputs
@@ -42,8 +43,10 @@ __all__ = [
     "OUTPUTS",
     "PLATFORM",
     "SERVER_NAME",
+    "Executed",
     "InputTensor",
     "Run",
+    "answer_parameters",
     "check_shape",
     "decode_list",
     "decode_raw",

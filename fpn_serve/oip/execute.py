@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +18,27 @@ from ..runtime.result import ClassifyResult
 Run = Callable[[Prepared], Awaitable[ClassifyResult]]  # how the protocol runs a prepared request
 
 
+class Executed(NamedTuple):
+    prepared: Prepared  # what ran: tol and max_iter as given, defaulted or chosen by a target
+    result: ClassifyResult
+
+
+def answer_parameters(prepared: Prepared) -> dict[str, float | int | str]:
+    """The answer's ``parameters``: the tol, max_iter and stop that ran, and, where a target chose
+    them, which target (``chosen_by``), its requested value and the accuracy bound and predicted
+    p99 latency of the choice."""
+    params: dict[str, float | int | str] = {"tol": prepared.tol, "max_iter": prepared.max_iter, "stop": prepared.stop}
+    choice = prepared.choice
+    if choice is not None:
+        params["chosen_by"] = choice.target
+        params["accuracy_lower_bound"] = round(choice.lower_bound, 5)
+        if choice.requested is not None:
+            params[choice.target] = choice.requested
+        if choice.predicted_p99_ms is not None:
+            params["predicted_p99_ms"] = round(choice.predicted_p99_ms, 4)
+    return params
+
+
 async def execute(
     registry: ModelRegistry,
     engine: Engine,
@@ -27,7 +48,7 @@ async def execute(
     *,
     started: float | None = None,
     from_text: bool = False,
-) -> ClassifyResult:
+) -> Executed:
     """Answer inputs ``x`` (from ``validate_inputs``) under the request's ``params`` (as received;
     names the runtime does not know are ignored, as the protocol allows). ``run`` executes the
     prepared request (HTTP: ``http.execute.run_model``, with its timeout and hang-up watch);
@@ -42,4 +63,4 @@ async def execute(
     )
     result = await run(prepared)
     parameters.remember(parsed, result, sequences)
-    return result
+    return Executed(prepared, result)

@@ -251,6 +251,13 @@ def test_dial_parameters_reach_the_runtime(mnist: Served, digits: tuple[np.ndarr
     assert anderson["converged"].all()
     certified = _outputs(mnist.infer(_request(x, tol=1e-6, max_iter=200, stop="certified")))
     assert certified["label_certified"].all() and (certified["iterations"] <= tight).all()
+    answer = mnist.infer(_request(x, target_accuracy=0.99))  # a target chooses tol: the answer says which
+    said = {
+        k: v.WhichOneof("parameter_choice") and getattr(v, v.WhichOneof("parameter_choice"))
+        for k, v in answer.parameters.items()
+    }
+    assert said["chosen_by"] == "target_accuracy" and said["accuracy_lower_bound"] >= 0.99 and said["stop"] == "tol"
+    assert said["max_iter"] == 100 and 0 < said["tol"] <= 1
 
 
 BAD_REQUESTS: list[tuple[str, Callable[[pb.ModelInferRequest], None], str]] = [

@@ -171,3 +171,18 @@ def test_the_registry_raises_a_domain_error_not_an_http_one(shipped_model: Path)
         with pytest.raises(ModelNotFound, match=message) as info:
             registry.get(name, version)
         assert isinstance(info.value, FPNServeError) and not hasattr(info.value, "status_code")
+
+
+def test_targets_choose_tol_and_the_answer_says_so(server: httpx.Client, digits: tuple[np.ndarray, np.ndarray]) -> None:
+    x, _ = digits
+    plain = server.post("/v2/models/mnist/infer", json=_request(x[:2], parameters={"tol": 1e-3})).json()
+    assert plain["parameters"] == {"tol": 1e-3, "max_iter": 100, "stop": "tol"}
+    (info,) = server.get("/models").json()
+    r = server.post("/v2/models/mnist/infer", json=_request(x[:2], parameters={"target_accuracy": 0.99}))
+    assert r.status_code == 200, r.text
+    params = r.json()["parameters"]
+    chosen = next(t for t in info["targets"] if t["tol"] == params["tol"])
+    assert params["chosen_by"] == "target_accuracy" and params["target_accuracy"] == 0.99
+    assert params["accuracy_lower_bound"] == chosen["accuracy_lower_bound"] >= 0.99
+    r = server.post("/v2/models/mnist/infer", json=_request(x[:2], parameters={"target_accuracy": 0.99999}))
+    assert r.status_code == 422 and "the best this model offers" in r.json()["error"], r.text
