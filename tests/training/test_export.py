@@ -379,3 +379,33 @@ def test_parity_counts_the_labels_that_really_differ(
     assert record["label_disagreements"] == differ
     with pytest.raises(export_mod.ExportError, match=f"{differ} labels differ at tol="):
         export_mod.check_parity(model, engine, x, tol, max_iter, atol=1e9)
+
+
+def test_calibration_uses_held_out_training_images_and_records_the_certificate(
+    folders: dict[str, Path], mnist_root: Path
+) -> None:
+    """The checkpoint trained on the first 4,000 training images: the table is measured on the next
+    400 (never trained on, not the test images), the certified stop has its row, and S's label
+    certificate is the norms of its weight rows' differences."""
+    from training.data import load_split
+
+    folder = folders["fp32"]
+    manifest = load_manifest(folder)
+    cal = manifest.calibration
+    assert cal["split"] == "held-out training images 4000-4399 (never trained on)"
+    train = load_split("mnist", mnist_root, train=True)
+    x = train.normalise(train.images[4000:4400]).numpy()
+    y = train.labels[4000:4400].numpy()
+    engine = Engine.load(folder, device="cpu")
+    for row in cal["tolerances"]:
+        result = engine.classify(x, tol=row["tol"], max_iter=row["max_iter"])
+        assert row["images"] == 400 and row["correct"] == int((result.labels == y).sum())
+    stop = cal["certified_stop"]
+    certified = engine.classify(x, stop="certified")
+    assert stop["mean_iterations"] == pytest.approx(float(certified.iterations.mean()), abs=1e-3)
+    assert stop["certified_fraction"] == pytest.approx(float(certified.certified.mean()))
+    s_graph = onnx.load(str(folder / "S.onnx")).graph
+    weight = next(onnx.numpy_helper.to_array(t) for t in s_graph.initializer if len(t.dims) == 2).astype(np.float64)
+    pair = np.linalg.norm(weight[:, None] - weight[None], axis=2)
+    table = np.asarray(manifest.certificate.pair_lipschitz)  # type: ignore[union-attr]
+    assert (table >= pair).all() and np.allclose(table, pair, rtol=1e-12)
