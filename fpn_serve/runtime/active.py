@@ -124,7 +124,7 @@ class ActiveSet:
         self._inspected = np.zeros(capacity, bool)  # rows whose label is read every iteration
         self._certify = np.zeros(capacity, bool)  # rows that stop at a certified label
         self._owner: list[Work] = []  # per row
-        self._works: list[Work] = []  # in flight, in admission order
+        self._live = 0  # works in flight
         self._timed = 0  # works in flight with a finite deadline
         self._evict = False  # some work was abandoned since the last iteration
         self._watched = 0  # works in flight that are inspected every iteration
@@ -132,7 +132,7 @@ class ActiveSet:
     @property
     def works(self) -> list[Work]:
         """The works with rows still in flight."""
-        return list(self._works)
+        return list(dict.fromkeys(self._owner))  # in admission order
 
     def admit(
         self,
@@ -161,7 +161,7 @@ class ActiveSet:
         self._certify[sl] = certify
         self._inspected[sl] = certify or trace
         self._owner.extend([work] * rows)
-        self._works.append(work)
+        self._live += 1
         self._timed += deadline != math.inf
         self._watched += certify or trace
         self.n += rows
@@ -224,9 +224,10 @@ class ActiveSet:
             self._owner = []
         self.n = m
         if finished:
-            self._works = [w for w in self._works if w.remaining]
-            self._timed = sum(w.deadline != math.inf for w in self._works)
-            self._watched = sum(w.certify or w.out.trace is not None for w in self._works)
+            # counts kept as works leave: nothing per iteration grows with the works in flight
+            self._live -= len(finished)
+            self._timed -= sum(w.deadline != math.inf for w in finished)
+            self._watched -= sum(w.certify or w.out.trace is not None for w in finished)
         return keep, finished
 
     def _inspect(self, inspect: Inspect, residuals: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -249,16 +250,16 @@ class ActiveSet:
 
     def clear(self) -> list[Work]:
         """Drop every row (a failed iteration); returns the works that were in flight."""
-        works, self._works, self._owner = self._works, [], []
-        self.n = self._timed = self._watched = 0
+        works, self._owner = self.works, []
+        self.n = self._live = self._timed = self._watched = 0
         return works
 
     def _record(self, idx: np.ndarray, residuals: np.ndarray, steps: np.ndarray, u: np.ndarray) -> list[Work]:
         """Write the stopped rows ``idx`` (with iterates ``u``) into their works' outputs."""
         rows = self._row[idx]
         iters = self._iters[idx]
-        if len(self._works) == 1:  # one work owns every row: write them all at once
-            work = self._works[0]
+        if self._live == 1:  # one work owns every row: write them all at once
+            work = self._owner[0]
             out = work.out
             out.u[rows], out.iterations[rows], out.residuals[rows], out.steps[rows] = (
                 u,
