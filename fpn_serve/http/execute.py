@@ -21,7 +21,7 @@ from ..runtime.engine import ClassifyResult, Engine
 from ..runtime.request import Prepared
 from .errors import TimedOut
 
-WATCH_AFTER_S = 0.005  # a request unanswered this long starts watching for its client's hang-up
+WATCH_AFTER_S = 0.05  # a request unanswered this long starts watching for its client's hang-up
 
 
 def _timed_out(seconds: float) -> TimedOut:
