@@ -14,6 +14,7 @@ from ..batching.registry import ModelRegistry
 from ..runtime.engine import Engine
 from ..runtime.request import Prepared
 from ..runtime.result import ClassifyResult
+from ..runtime.targets import shown
 
 Run = Callable[[Prepared], Awaitable[ClassifyResult]]  # how the protocol runs a prepared request
 
@@ -31,7 +32,7 @@ def answer_parameters(prepared: Prepared) -> dict[str, float | int | str]:
     choice = prepared.choice
     if choice is not None:
         params["chosen_by"] = choice.target
-        params["accuracy_lower_bound"] = round(choice.lower_bound, 5)
+        params["accuracy_lower_bound"] = shown(choice.lower_bound)
         if choice.requested is not None:
             params[choice.target] = choice.requested
         if choice.predicted_p99_ms is not None:

@@ -30,6 +30,12 @@ from ..errors import TargetUnreachable
 Z_95 = 1.6448536269514722  # one-sided 95 % normal quantile
 
 
+def shown(bound: float) -> float:
+    """A lower bound as shown to callers: rounded down to 5 decimals, so that asking for the value
+    shown is always met by the row that showed it."""
+    return math.floor(bound * 1e5) / 1e5
+
+
 def wilson_lower_bound(correct: int, n: int, z: float = Z_95) -> float:
     """One-sided lower confidence bound on a proportion from ``correct`` successes in ``n`` trials."""
     if n <= 0:
@@ -70,7 +76,7 @@ class Choice:
         return {
             "by": self.target,
             "requested": self.requested,
-            "accuracy_lower_bound": round(self.lower_bound, 5),
+            "accuracy_lower_bound": shown(self.lower_bound),
             "predicted_p99_ms": None if self.predicted_p99_ms is None else round(self.predicted_p99_ms, 4),
         }
 
@@ -189,7 +195,7 @@ class Targets:
                 "tol": r.tol,
                 "max_iter": r.max_iter,
                 "accuracy": r.accuracy,
-                "accuracy_lower_bound": round(r.lower_bound, 5),
+                "accuracy_lower_bound": shown(r.lower_bound),
                 "mean_iterations": r.mean_iterations,
                 "p99_iterations": r.p99_iterations,
                 "predicted_p99_ms": None if self.costs is None else round(self.predicted_p99_ms(r, batch), 4),
