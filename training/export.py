@@ -43,6 +43,7 @@ from .label_certificate import label_certificate
 from .ort_format import write_ort
 from .parity import check_parity, compare_single_graphs, measure_parity
 from .precision import PRECISIONS, calibration_sample
+from .recover import RECOVERED_FROM, write_recovered
 
 __all__ = [
     "DARK_BACKGROUND",
@@ -160,6 +161,11 @@ def load_job(args: argparse.Namespace) -> ExportJob:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ExportError(f"{out} exists and is not empty; pass --force to replace it")
+    if out.is_dir() and Path(args.checkpoint).resolve().is_relative_to(out.resolve()):
+        raise ExportError(
+            f"{out} holds the checkpoint {args.checkpoint}, which replacing the folder would delete; "
+            "export into another folder"
+        )
     test = load_split(cfg.dataset, Path(args.data_root), train=False, limit=args.calibration_limit)
     test = TensorSplit(test.images, test.labels, stored_spec(cfg, payload))  # normalised as in training
     return ExportJob(
@@ -429,6 +435,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="instead of a checkpoint, derive the --precision variant (int8 or int8-static) of an exported "
         "fp32 folder from its own graphs, e.g. models/mnist -> models/mnist-int8",
     )
+    p.add_argument(
+        "--recover-checkpoint",
+        metavar="MODEL_DIR",
+        help="instead of exporting, write the checkpoint (--out FILE) of an exported fp32 folder from its own "
+        "graphs: the weights to the bit and the manifest's configs, without optimiser state (see training.recover)",
+    )
     p.add_argument("--quantization-images", type=int, default=1024, help="training images that calibrate int8-static")
     p.add_argument(
         "--ort",
@@ -470,11 +482,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 def cli(argv: list[str] | None = None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.recover_checkpoint is not None:
+        if args.out is None or args.checkpoint is not None or args.from_model is not None or args.verify is not None:
+            parser.error("--recover-checkpoint MODEL_DIR takes --out FILE (and --force) only")
+        try:
+            _, extra = write_recovered(args.recover_checkpoint, args.out, force=args.force)
+        except (CheckpointError, OSError) as exc:
+            print(f"fpn-export: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.out}: the weights of {extra[RECOVERED_FROM]}")
+        return 0
     one_source = (args.checkpoint is None) != (args.from_model is None)
     if args.verify is None and (args.out is None or not one_source):
         parser.error(
             "give a CHECKPOINT (or --from-model MODEL_DIR) and --out MODEL_DIR to export, "
-            "or --verify MODEL_DIR to check a folder"
+            "or --verify MODEL_DIR to check a folder, or --recover-checkpoint MODEL_DIR --out FILE"
         )
     if args.from_model is not None and args.precision not in DERIVABLE:
         parser.error(f"--from-model derives {' or '.join(DERIVABLE)}, not --precision {args.precision}")
