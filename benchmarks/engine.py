@@ -255,7 +255,7 @@ def bench_scheduler(model_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str
     server without batching does (for one input on the CPU, one FPN1.onnx call). The scheduler:
     ``submit_async``, as ``/classify`` does. The two take turns, caller count by caller count.
     """
-    from fpn_serve.http.app import serving_threads
+    from fpn_serve.batching.registry import serving_threads
 
     engine = Engine.load(model_dir, device="cpu", threads=serving_threads(0))
     per_caller_total = 600 if quick else 4000

@@ -25,8 +25,8 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,38 +102,31 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} has version {engine.manifest.version!r}, not {version!r}")
         return engine
 
-    @contextmanager
-    def lease(self, name: str | None, version: str | None = None) -> Iterator[Engine]:
-        """``get``, held for a request's lifetime: an engine unloaded or replaced meanwhile keeps
-        its scheduler until every lease on it has ended."""
+    def lease(self, name: str | None, version: str | None = None) -> _Lease:
+        """``get``, held for a request's lifetime (``with registry.lease(name) as engine``): an
+        engine unloaded or replaced meanwhile keeps its scheduler until every lease on it has ended."""
         with self._cond:
             engine = self.get(name, version)
-            key = id(engine)
-            self._leases[key] = self._leases.get(key, 0) + 1
-        with self._held(key):
-            yield engine
+            self._take(id(engine))
+        return _Lease(self, engine)
 
-    @contextmanager
-    def hold(self, engine: Engine) -> Iterator[Engine]:
+    def hold(self, engine: Engine) -> _Lease:
         """A lease on an engine already looked up (``get``): it keeps its scheduler while held."""
-        key = id(engine)
         with self._cond:
-            self._leases[key] = self._leases.get(key, 0) + 1
-        with self._held(key):
-            yield engine
+            self._take(id(engine))
+        return _Lease(self, engine)
 
-    @contextmanager
-    def _held(self, key: int) -> Iterator[None]:
-        try:
-            yield
-        finally:
-            with self._cond:
-                held = self._leases[key] - 1
-                if held:
-                    self._leases[key] = held
-                else:
-                    del self._leases[key]
-                    self._cond.notify_all()
+    def _take(self, key: int) -> None:  # under self._cond
+        self._leases[key] = self._leases.get(key, 0) + 1
+
+    def _give_back(self, key: int) -> None:
+        with self._cond:
+            held = self._leases[key] - 1
+            if held:
+                self._leases[key] = held
+            else:
+                del self._leases[key]
+                self._cond.notify_all()
 
     def scheduler_for(self, engine: Engine) -> Scheduler:
         """The scheduler of ``engine``: the serving one, or the one it keeps while it drains after
@@ -174,8 +167,8 @@ class ModelRegistry:
         opts = self._scheduling
         sched = Scheduler(engine, max_active=opts.get("max_active", 256), max_queue=opts.get("max_queue", 1024))
         sched.start()
-        # latency targets need this machine's costs: measured once the model serves, beside its traffic
-        threading.Thread(target=_measure_costs, args=(engine,), name=f"fpn-costs-{engine.name}", daemon=True).start()
+        # latency targets need this machine's costs: measured once the model serves, in its quiet moments
+        threading.Thread(target=_measure_costs, args=(sched,), name=f"fpn-costs-{engine.name}", daemon=True).start()
         return sched
 
     def stop(self) -> None:
@@ -292,11 +285,14 @@ def _check_name(name: Any) -> None:
         raise InputError(f"{name!r} is not a model name (1-64 letters, digits, '_', '.' or '-', never a path)")
 
 
-def _measure_costs(engine: Engine) -> None:
+def _measure_costs(sched: Scheduler) -> None:
+    """Time the engine for latency targets, each timed call when its scheduler is quiet (waiting
+    at most two seconds for that): under steady traffic the measurement takes longer, but it neither
+    slows the answers nor is slowed by them."""
     try:
-        engine.measure_costs()
+        sched.engine.measure_costs(pause=lambda: sched.wait_quiet(timeout_s=2.0))
     except Exception:  # a latency target then measures on first use, and says so if it fails
-        log.exception("model %s: measuring its costs for latency targets failed", engine.name)
+        log.exception("model %s: measuring its costs for latency targets failed", sched.engine.name)
 
 
 def serving_threads(threads: int) -> int:
@@ -330,3 +326,19 @@ def load_registry(
         registry.engines[engine.name] = engine
         log.info("serving model %s from %s", engine.name, folder)
     return registry
+
+
+class _Lease:
+    """One request's hold on an engine (``ModelRegistry.lease``/``hold``), given back on exit: a
+    plain context manager, as it is on every request's path."""
+
+    __slots__ = ("engine", "registry")
+
+    def __init__(self, registry: ModelRegistry, engine: Engine) -> None:
+        self.registry, self.engine = registry, engine
+
+    def __enter__(self) -> Engine:
+        return self.engine
+
+    def __exit__(self, *exc: object) -> None:
+        self.registry._give_back(id(self.engine))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -95,6 +96,7 @@ class Scheduler:
         self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
         self._alone_rows = 0  # an input running alone in its caller's thread
         self._loop_owed = False  # a request ran alone on an event loop that has not turned since
+        self._last_arrival = -math.inf  # perf_counter of the latest submit
         self._threads: list[threading.Thread] = []
         self._runner = engine.new_runner(max_active)
         self._active = ActiveSet(max_active, tuple(engine.manifest.latent_shape))  # row for row with the runner
@@ -123,6 +125,20 @@ class Scheduler:
     @property
     def active(self) -> int:
         return self._runner.n
+
+    def wait_quiet(self, quiet_s: float = 0.05, timeout_s: float = 1.0) -> bool:
+        """Block until no request has arrived for ``quiet_s`` and none is queued or running, or
+        ``timeout_s`` has passed; True if it is quiet. For background work that should neither slow
+        the traffic nor be timed beside it (the latency targets' cost measurement)."""
+        end = time.perf_counter() + timeout_s
+        while True:
+            now = time.perf_counter()
+            since = now - self._last_arrival
+            if since >= quiet_s and not self.policy.waiting and not self._runner.n and not self._alone_rows:
+                return True
+            if now >= end:
+                return False
+            time.sleep(max(1e-3, min(quiet_s - since if since < quiet_s else quiet_s / 5, end - now)))
 
     def start(self) -> None:
         with self._lock:
@@ -211,7 +227,7 @@ class Scheduler:
     ) -> _Request | None:
         """Queue the request, or run it alone in this thread; returns it if it was queued."""
         request = _Request(prepared, future, loop)
-        now = time.perf_counter()
+        self._last_arrival = now = time.perf_counter()
         with self._lock:
             if not self._running:
                 raise QueueFull("the scheduler is not running", retry_after=1.0)

@@ -66,5 +66,6 @@ def create_app(settings: Settings, model_paths: Sequence[Path] = (), registry: M
     demo.install(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)  # innermost; raised inside the route
     app.add_middleware(RequestMetrics)
-    app.add_middleware(BearerAuth, token=settings.bearer_token, open_paths=OPEN_PATHS)
+    if settings.bearer_token is not None:  # outermost; without a token there is nothing to check
+        app.add_middleware(BearerAuth, token=settings.bearer_token, open_paths=OPEN_PATHS)
     return app

@@ -42,7 +42,7 @@ from .body import read_body, replay
 from .deps import AppSettings, Registry
 from .errors import ErrorResponse, MalformedBody, UnsupportedType
 from .execute import run_model
-from .jsonable import json_floats
+from .jsonable import FastJSONResponse, json_floats
 
 IMAGE_TYPES = ("image/png", "image/jpeg")
 INLINE_DECODE_BYTES = 64 * 1024  # images up to this size decode on the event loop: cheaper than a thread hop
@@ -125,11 +125,13 @@ def answer(
         result.certified.tolist(),
         strict=True,
     )
-    finite = bool(np.isfinite(result.probabilities).all())
+    probabilities = result.probabilities
     for i, (label, iterations, residual, converged, error_bound, certified) in enumerate(columns):
-        probs = result.probabilities[i]
+        probs = probabilities[i]
         pred: dict[str, Any] = {"label": names[label], "index": label}
-        values = probs.tolist() if finite else json_floats(probs)
+        values = probs.tolist()
+        if not all(map(math.isfinite, values)):
+            values = json_floats(probs)
         if top_k:
             order = np.argsort(-probs, kind="stable")[:top_k].tolist()
             pred["top_k"] = [{"label": names[j], "index": j, "probability": values[j]} for j in order]
@@ -143,7 +145,7 @@ def answer(
         if result.trace is not None:
             pred["trace"] = _trace(result, i, iterations)
         predictions.append(pred)
-    return JSONResponse(
+    return FastJSONResponse(
         {
             "model": engine.name,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,15 @@ class Engine:
         """The calibration table as accuracy and latency targets (``GET /models`` shows it)."""
         return self.rules.targets
 
-    def measure_costs(self) -> Costs:
+    def measure_costs(self, pause: Callable[[], object] | None = None) -> Costs:
         """Time Q, one step of T and S at a few batch sizes on this machine, for latency targets
-        (a server does it when it starts; otherwise the first latency target does)."""
-        costs = Costs.measure(lambda x, k: self.run(Prepared(x, 0.0, k)), tuple(self.manifest.input.shape))
+        (a server does it when it starts, each timed call in a quiet moment: ``pause`` waits for
+        one; otherwise the first latency target does)."""
+
+        def run(x: np.ndarray, iterations: int) -> ClassifyResult:
+            return self.run(Prepared(x, 0.0, iterations))
+
+        costs = Costs.measure(run, tuple(self.manifest.input.shape), pause=pause)
         self.rules.targets.costs = costs
         return costs
 

@@ -103,24 +103,29 @@ class Costs:
         input_shape: tuple[int, ...],
         batches: tuple[int, ...] = (1, 16, 256),
         repeats: int = 15,
+        pause: Callable[[], object] | None = None,
     ) -> Costs:
-        """``run(x, k)`` answers inputs ``x`` with exactly ``k`` iterations; timed at 1 and 25."""
+        """``run(x, k)`` answers inputs ``x`` with exactly ``k`` iterations; timed at 1 and 25.
+        ``pause``, when given, is called before every timed call (a server waits there for a quiet
+        moment, so that the measurement neither slows its traffic nor is slowed by it)."""
         rng = np.random.default_rng(0)
         fixed, step = [], []
         for b in batches:
             x = rng.normal(0, 1, (b, *input_shape)).astype(np.float32)
-            one = _median(lambda x=x: run(x, 1), repeats)  # type: ignore[misc]
-            many = _median(lambda x=x: run(x, 25), repeats)  # type: ignore[misc]
+            one = _median(lambda x=x: run(x, 1), repeats, pause)  # type: ignore[misc]
+            many = _median(lambda x=x: run(x, 25), repeats, pause)  # type: ignore[misc]
             per = max(0.0, (many - one) / 24)
             step.append(per)
             fixed.append(max(0.0, one - per))
         return cls(batches, tuple(fixed), tuple(step))
 
 
-def _median(fn: Callable[[], object], repeats: int) -> float:
+def _median(fn: Callable[[], object], repeats: int, pause: Callable[[], object] | None = None) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        if pause is not None:
+            pause()
         began = time.perf_counter()
         fn()
         times.append(time.perf_counter() - began)

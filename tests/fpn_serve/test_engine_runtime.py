@@ -426,3 +426,26 @@ def test_a_caller_that_leaves_frees_its_rows_at_the_next_iteration(slow_engine: 
         for _ in range(64):
             go.release()
         scheduler.stop()
+
+
+def test_background_work_waits_for_a_quiet_scheduler(slow_engine: Engine) -> None:
+    """``wait_quiet`` (where the server's cost measurement waits before each timed call) returns
+    only once no request has arrived for ``quiet_s`` and nothing runs; while work runs it times out."""
+    scheduler = Scheduler(slow_engine, max_active=8)
+    scheduler.start()
+    try:
+        began = time.perf_counter()
+        assert scheduler.wait_quiet(quiet_s=0.01, timeout_s=1.0)  # idle from the start
+        assert time.perf_counter() - began < 0.5
+        x = np.ones((1, 1, 2, 2), np.float32)
+        busy = scheduler.submit(x, 1e-9, 10_000)  # never converges: runs 10,000 iterations
+        began = time.perf_counter()
+        assert not scheduler.wait_quiet(quiet_s=0.01, timeout_s=0.2)  # its rows are still running
+        assert time.perf_counter() - began >= 0.2
+        busy.result(timeout=60)
+        scheduler.submit(x, 1e-9, 1).result(timeout=10)  # a short one: answered, but just now
+        began = time.perf_counter()
+        assert scheduler.wait_quiet(quiet_s=0.15, timeout_s=5.0)
+        assert time.perf_counter() - began >= 0.1  # it waited for the quiet moment after that arrival
+    finally:
+        scheduler.stop()
