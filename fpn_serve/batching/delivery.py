@@ -86,22 +86,24 @@ def answer(engine: Engine, finished: list[Work]) -> int:
             np.concatenate([o.residuals for o in outs]),
             np.concatenate([o.steps for o in outs]),
         )
-        tols = np.concatenate([np.full(len(w.out.iterations), w.tol, np.float32) for w in finished])
+        tols = np.repeat(np.array([w.tol for w in finished], np.float32), [w.rows for w in finished])
     try:
-        result = engine.decode(out, tols, finished[0].out.trace if len(finished) == 1 else None)
+        result = engine.decode(out, tols, finished[0].trace if len(finished) == 1 else None)
     except Exception as exc:
         settle([(req, exc) for req in reqs])
         return 0
+    # what every answer reads, computed here for all the rows at once: off the callers' event loop
+    result.probabilities  # noqa: B018
+    result.certified  # noqa: B018
     if len(reqs) == 1:
         settle([(reqs[0], result)])
     else:
-        parts = _split(result, [len(w.out.iterations) for w in finished])
-        settle([(w.tag, part.with_trace(w.out.trace)) for w, part in zip(finished, parts, strict=True)])
+        parts = _split(result, finished)
+        settle([(w.tag, part) for w, part in zip(finished, parts, strict=True)])
     return len(reqs)
 
 
-def _split(result: ClassifyResult, rows: list[int]) -> list[ClassifyResult]:
-    """One result per request, by consecutive row counts; one softmax for all of them."""
-    result.probabilities  # noqa: B018 -- computed once here, then sliced
-    bounds = np.cumsum([0, *rows]).tolist()
-    return [result.take(slice(a, b)) for a, b in itertools.pairwise(bounds)]
+def _split(result: ClassifyResult, finished: list[Work]) -> list[ClassifyResult]:
+    """One result per work, by consecutive row counts, each with its own trace."""
+    bounds = list(itertools.accumulate((w.rows for w in finished), initial=0))
+    return [result.take(slice(a, b), w.trace) for w, (a, b) in zip(finished, itertools.pairwise(bounds), strict=True)]

@@ -80,7 +80,7 @@ Inspect = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 class Work:
     """Rows that are admitted together and answered together: one request, or one solve call."""
 
-    __slots__ = ("abandoned", "certify", "deadline", "max_iter", "out", "remaining", "tag", "tol")
+    __slots__ = ("abandoned", "certify", "deadline", "max_iter", "out", "remaining", "rows", "tag", "tol", "trace")
 
     def __init__(
         self,
@@ -98,15 +98,27 @@ class Work:
         self.max_iter = max_iter
         self.deadline = deadline
         self.tag = tag  # the caller's handle (the scheduler's request)
+        self.rows = rows
         self.remaining = rows  # rows still iterating
         self.abandoned = False  # nobody wants the answer any more: its rows stop at the next iteration
-        self.out = SolveOutput(
-            np.zeros((rows, *latent), np.float32),
-            np.zeros(rows, np.int32),
-            np.full(rows, np.inf, np.float32),
-            np.full(rows, np.inf, np.float32),
-            Trace.empty(rows, max_iter) if trace else None,
+        self.trace = Trace.empty(rows, max_iter) if trace else None
+        # a one-row work gets its output when its row stops (a view of that iteration's arrays); a
+        # larger one collects its rows as they stop
+        self.out = (
+            SolveOutput(
+                np.zeros((rows, *latent), np.float32),
+                np.zeros(rows, np.int32),
+                np.full(rows, np.inf, np.float32),
+                np.full(rows, np.inf, np.float32),
+                self.trace,
+            )
+            if rows > 1
+            else _NO_OUTPUT
         )
+
+
+_EMPTY = np.zeros(0, np.float32)
+_NO_OUTPUT = SolveOutput(_EMPTY, _EMPTY, _EMPTY, _EMPTY)  # a one-row work's, until its row stops
 
 
 class ActiveSet:
@@ -227,7 +239,7 @@ class ActiveSet:
             # counts kept as works leave: nothing per iteration grows with the works in flight
             self._live -= len(finished)
             self._timed -= sum(w.deadline != math.inf for w in finished)
-            self._watched -= sum(w.certify or w.out.trace is not None for w in finished)
+            self._watched -= sum(w.certify or w.trace is not None for w in finished)
         return keep, finished
 
     def _inspect(self, inspect: Inspect, residuals: np.ndarray, steps: np.ndarray) -> np.ndarray:
@@ -238,7 +250,7 @@ class ActiveSet:
         labels, certified = inspect(mask, steps[mask])
         idx = np.flatnonzero(mask)
         for j, i in enumerate(idx.tolist()):
-            trace = self._owner[i].out.trace
+            trace = self._owner[i].trace
             if trace is not None:
                 row, k = self._row[i], self._iters[i] - 1
                 trace.residuals[row, k] = residuals[i]
@@ -258,27 +270,28 @@ class ActiveSet:
         """Write the stopped rows ``idx`` (with iterates ``u``) into their works' outputs."""
         rows = self._row[idx]
         iters = self._iters[idx]
-        if self._live == 1:  # one work owns every row: write them all at once
+        res, st = residuals[idx], steps[idx]  # copies: the loop's arrays are reused
+        if self._live == 1 and self._owner[0].rows > 1:  # one work owns every row: write them all at once
             work = self._owner[0]
             out = work.out
-            out.u[rows], out.iterations[rows], out.residuals[rows], out.steps[rows] = (
-                u,
-                iters,
-                residuals[idx],
-                steps[idx],
-            )
+            out.u[rows], out.iterations[rows], out.residuals[rows], out.steps[rows] = u, iters, res, st
             work.remaining -= len(idx)
             return [work] if work.remaining == 0 else []
         finished = []
         owners = self._owner
         for j, i in enumerate(idx.tolist()):
             work = owners[i]
+            if work.rows == 1:  # its whole output: views of this iteration's copies
+                work.out = SolveOutput(u[j : j + 1], iters[j : j + 1], res[j : j + 1], st[j : j + 1], work.trace)
+                work.remaining = 0
+                finished.append(work)
+                continue
             row = rows[j]
             out = work.out
             out.u[row] = u[j]
             out.iterations[row] = iters[j]
-            out.residuals[row] = residuals[i]
-            out.steps[row] = steps[i]
+            out.residuals[row] = res[j]
+            out.steps[row] = st[j]
             work.remaining -= 1
             if work.remaining == 0:
                 finished.append(work)

@@ -71,16 +71,12 @@ class ClassifyResult:
     latents: np.ndarray | None = field(default=None, repr=False, compare=False)  # float32 [B, *latent]
     trace: Trace | None = field(default=None, repr=False, compare=False)
 
-    def with_trace(self, trace: Trace | None) -> ClassifyResult:
-        """The same result with ``trace`` (derived fields not yet read stay unread)."""
-        copy = object.__new__(ClassifyResult)
-        copy.__dict__.update(self.__dict__)
-        copy.__dict__["trace"] = trace
-        return copy
-
-    def take(self, rows: slice) -> ClassifyResult:
-        """The result of a consecutive range of its inputs."""
-        return ClassifyResult(
+    def take(self, rows: slice, trace: Trace | None = None) -> ClassifyResult:
+        """The result of a consecutive range of its inputs (with ``trace``, that range's own trace;
+        else the slice of this result's). Built without the dataclass's checks: one per answer."""
+        part = object.__new__(ClassifyResult)
+        d = self.__dict__
+        part.__dict__.update(
             labels=self.labels[rows],
             logits=self.logits[rows],
             iterations=self.iterations[rows],
@@ -88,12 +84,14 @@ class ClassifyResult:
             converged=self.converged[rows],
             error_bounds=self.error_bounds[rows],
             names=self.names,
-            probabilities=self.probabilities[rows],
+            _probabilities=None if d.get("_probabilities") is None else d["_probabilities"][rows],
+            _certified=None if d.get("_certified") is None else d["_certified"][rows],
             steps=None if self.steps is None else self.steps[rows],
             certifier=self.certifier,
             latents=None if self.latents is None else self.latents[rows],
-            trace=None if self.trace is None else self.trace.take(rows),
+            trace=trace if trace is not None else None if self.trace is None else self.trace.take(rows),
         )
+        return part
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
