@@ -71,9 +71,10 @@ class RequestMetrics:
 
 class BodyLimit:
     """Bodies over ``limit`` bytes raise LimitExceeded where the route reads them: at once when the
-    declared Content-Length is over, else (a chunked body) as soon as the bytes read pass it. A body
-    within its declared length is passed on uncounted: the HTTP server delivers no more than that. Raised inside the
-    route, the error is answered by the route's error table and counted under the route."""
+    declared Content-Length is over, else (a chunked body) as soon as the bytes read pass it. A
+    body within its declared length is passed on uncounted: the HTTP server delivers no more than
+    that. Raised inside the route, the error is answered by the route's error table and counted
+    under the route."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
