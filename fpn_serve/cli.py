@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 import threading
@@ -108,6 +109,9 @@ def _uvicorn_server(settings: Settings, registry: ModelRegistry, app: Any) -> An
             await super().startup(sockets)
             if self.grpc is not None and self.started:
                 await self.grpc.start()
+            # what is loaded by now (modules, routes, models, schedulers) lives as long as the server:
+            # the garbage collector need not walk it again, so its collections stay short under traffic
+            gc.freeze()
 
         async def shutdown(self, sockets: Any = None) -> None:
             if self.grpc is not None:
