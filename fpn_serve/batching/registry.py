@@ -84,6 +84,7 @@ class ModelRegistry:
     _leases: dict[int, int] = field(default_factory=dict, repr=False)  # id(engine) -> requests holding it
     _retired: dict[int, Scheduler] = field(default_factory=dict, repr=False)  # replaced engines' schedulers
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _lease_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # guards _leases alone
     _changing: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one load or unload at a time
 
     def get(self, name: str | None, version: str | None = None) -> Engine:
@@ -105,28 +106,27 @@ class ModelRegistry:
     def lease(self, name: str | None, version: str | None = None) -> _Lease:
         """``get``, held for a request's lifetime (``with registry.lease(name) as engine``): an
         engine unloaded or replaced meanwhile keeps its scheduler until every lease on it has ended."""
-        with self._cond:
+        with self._cond:  # no swap between the lookup and the lease
             engine = self.get(name, version)
             self._take(id(engine))
         return _Lease(self, engine)
 
     def hold(self, engine: Engine) -> _Lease:
         """A lease on an engine already looked up (``get``): it keeps its scheduler while held."""
-        with self._cond:
-            self._take(id(engine))
+        self._take(id(engine))
         return _Lease(self, engine)
 
-    def _take(self, key: int) -> None:  # under self._cond
-        self._leases[key] = self._leases.get(key, 0) + 1
+    def _take(self, key: int) -> None:
+        with self._lease_lock:  # a plain lock: every request takes it twice
+            self._leases[key] = self._leases.get(key, 0) + 1
 
     def _give_back(self, key: int) -> None:
-        with self._cond:
+        with self._lease_lock:
             held = self._leases[key] - 1
             if held:
                 self._leases[key] = held
             else:
-                del self._leases[key]
-                self._cond.notify_all()
+                del self._leases[key]  # a drain waiting for it looks again within 50 ms
 
     def scheduler_for(self, engine: Engine) -> Scheduler:
         """The scheduler of ``engine``: the serving one, or the one it keeps while it drains after
@@ -247,7 +247,7 @@ class ModelRegistry:
         key, give_up = id(engine), time.monotonic() + DRAIN_WAIT_S
         with self._cond:
             while self._leases.get(key, 0) and time.monotonic() < give_up:
-                self._cond.wait(0.5)
+                self._cond.wait(0.05)  # leases are given back without a notification: look again soon
         sched.stop()  # finishes what is active and queued
         with self._cond:
             self._retired.pop(key, None)
