@@ -355,6 +355,8 @@ class Scheduler:
         self._counts["evicted"] += len(finished) - len(answered)
         if answered:
             self._counts["answered"] += answer(self.engine, answered)
+        for w in finished:  # the request and its work refer to each other: part them, so refcounts free both
+            w.tag.work = None
 
     def _inspect(self, mask: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return self.engine.inspect(self._runner.current(mask), steps)
@@ -369,6 +371,8 @@ class Scheduler:
             self.policy.occupied = self._encoding_rows + self._alone_rows
             self._to_encode.notify()
         in_flight = [w.tag for w in self._active.clear()]
+        for req in in_flight:
+            req.work = None
         victims = {id(r): r for r in [*in_flight, *joining, *ready]}.values()
         settle([(req, exc) for req in victims])
         if self._runner.n:

@@ -449,3 +449,33 @@ def test_background_work_waits_for_a_quiet_scheduler(slow_engine: Engine) -> Non
         assert time.perf_counter() - began >= 0.1  # it waited for the quiet moment after that arrival
     finally:
         scheduler.stop()
+
+
+def test_answered_requests_leave_no_reference_cycles(engine: Engine, digits: np.ndarray) -> None:
+    """A request answered through the shared batch is freed by reference counting alone: nothing it
+    held (its input, its work, its result) waits for the garbage collector."""
+    import gc
+
+    scheduler = Scheduler(engine, max_active=32)
+    scheduler.start()
+
+    async def burst() -> list[object]:
+        return list(await asyncio.gather(*(scheduler.submit_async(digits[i][None], 1e-4) for i in range(24))))
+
+    try:
+        asyncio.run(burst())  # warm: the event loop's own one-time objects
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            answers = asyncio.run(burst())
+            answers += [f.result(timeout=30) for f in [scheduler.submit(digits[i][None], 1e-4) for i in range(8)]]
+            del answers
+            gc.collect()
+            left = sorted({type(o).__name__ for o in gc.garbage} & {"Prepared", "_Request", "Work", "ClassifyResult"})
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert scheduler.stats["answered"] - scheduler.stats["alone"] > 0  # the shared batch answered some
+        assert left == [], f"answered requests kept in reference cycles: {left}"
+    finally:
+        scheduler.stop()
