@@ -61,12 +61,21 @@ class Metrics:
         self.active = Gauge("fpn_active_batch", "inputs in the model's active batch", ["model"], registry=r)
         self.queue = Gauge("fpn_queue_depth", "requests waiting to join the active batch", ["model"], registry=r)
         self._per_model: dict[str, tuple[Histogram, Histogram]] = {}
+        self._per_route: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         self._sequences = _SequenceCollector()
         r.register(self._sequences)
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, str(status)).inc()
-        self.latency.labels(route, str(status)).observe(seconds)
+        children = self._per_route.get((route, status))
+        if children is None:  # the labelled series of a route and status, looked up once
+            label = str(status)
+            children = self._per_route[route, status] = (
+                self.requests.labels(route, label),
+                self.latency.labels(route, label),
+            )
+        count, latency = children
+        count.inc()
+        latency.observe(seconds)
 
     def observe_result(self, model: str, result: ClassifyResult) -> None:
         children = self._per_model.get(model)
