@@ -38,7 +38,8 @@ PARAMETERS = (
     "target_accuracy",
     "latency_budget_ms",
 )
-MAX_DEADLINE_MS = 60_000.0
+MAX_DEADLINE_MS = 60_000.0  # the longest deadline_ms or latency_budget_ms a caller may give
+MAX_TOL = 1.0  # a caller's tol lies in (0, MAX_TOL]: tol=0, the engine's "run max_iter", is not offered on the wire
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ def parse_parameters(params: Mapping[str, Any], *, from_text: bool = False) -> R
     parameter, the value and what is allowed."""
     get = params.get
     tol = _number("tol", get("tol"), from_text)
-    if tol is not None and not 0 < tol <= 1:
-        raise InputError(f"tol must be a number with 0 < tol <= 1, got {tol:g}")
+    if tol is not None and not 0 < tol <= MAX_TOL:
+        raise InputError(f"tol must be a number with 0 < tol <= {MAX_TOL:g}, got {tol:g}")
     max_iter = _integer("max_iter", get("max_iter"), from_text)
     if max_iter is not None and max_iter < 1:
         raise InputError(f"max_iter must be an integer >= 1, got {max_iter}")

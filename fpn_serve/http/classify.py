@@ -31,7 +31,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..batching.parameters import RequestParameters, parse_parameters, prepare, remember
+from ..batching.parameters import MAX_DEADLINE_MS, MAX_TOL, RequestParameters, parse_parameters, prepare, remember
 from ..batching.registry import ModelRegistry
 from ..contract.images import images_to_batch
 from ..errors import InputError, LimitExceeded
@@ -267,14 +267,14 @@ async def classify(
     registry: Registry,
     settings: AppSettings,
     tol: Annotated[
-        float | None, Query(gt=0, le=1, description="per-sample residual tolerance; default: the model's")
+        float | None, Query(gt=0, le=MAX_TOL, description="per-sample residual tolerance; default: the model's")
     ] = None,
     max_iter: Annotated[int | None, Query(ge=1, description="iteration cap; default: the model's")] = None,
     model: Annotated[str | None, Query(max_length=64, description="model name; default: the first served")] = None,
     solver: Annotated[Literal["fixed_point", "anderson"], Query(description="forward solver")] = "fixed_point",
     deadline_ms: Annotated[
         float | None,
-        Query(gt=0, le=60_000, description="answer with the current iterate once this many ms have passed"),
+        Query(gt=0, le=MAX_DEADLINE_MS, description="answer with the current iterate once this many ms have passed"),
     ] = None,
     top_k: Annotated[
         int | None, Query(ge=1, description="answer the k most probable classes instead of all probabilities")
@@ -296,7 +296,9 @@ async def classify(
     ] = None,
     latency_budget_ms: Annotated[
         float | None,
-        Query(gt=0, le=60_000, description="instead of tol: the tightest calibrated tol that fits this budget"),
+        Query(
+            gt=0, le=MAX_DEADLINE_MS, description="instead of tol: the tightest calibrated tol that fits this budget"
+        ),
     ] = None,
     sequence_start: Annotated[bool, Query(description="true: the first input of the stream (a cold start)")] = False,
     sequence_end: Annotated[

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-from ..batching.parameters import RequestParameters, parse_parameters
+from ..batching.parameters import MAX_DEADLINE_MS, MAX_TOL, RequestParameters, parse_parameters
 from ..errors import InputError
 
 QUERY_NAMES = frozenset({b"tol", b"max_iter", b"model", b"solver", b"deadline_ms", b"top_k"})
@@ -106,7 +106,7 @@ def _plain(values: dict[bytes, bytes]) -> ClassifyQuery | None:
             if _FLOAT.fullmatch(value) is None:
                 return None
             number = float(value)
-            if not (0 < number <= (1 if key == b"tol" else 60_000)):
+            if not (0 < number <= (MAX_TOL if key == b"tol" else MAX_DEADLINE_MS)):
                 return None
             if key == b"tol":
                 tol = number
