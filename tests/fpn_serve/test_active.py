@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fpn_serve.batching.policy import ALONE_MAX_ITER, QueuePolicy
+from fpn_serve.batching.policy import ALONE_MAX_ITER, CostLine, QueuePolicy
 from fpn_serve.errors import QueueFull
 from fpn_serve.runtime.active import ActiveSet
 from fpn_serve.runtime.request import Prepared
@@ -134,3 +134,36 @@ def test_only_a_short_lone_input_in_an_idle_scheduler_runs_alone() -> None:
     policy.release(1)
     policy.push("queued", _prepared(1, 1e-3), now=0.0)
     assert not policy.may_run_alone(_prepared(1, 1e-3))  # someone is waiting
+
+
+def test_a_cost_line_recovers_a_fixed_and_a_per_unit_cost() -> None:
+    line = CostLine()
+    assert line.slope() is None and line.at(4) is None  # not measured yet
+    for n in [1, 2, 4, 8, 16, 32] * 3:
+        line.add(n, 100e-6 + 2e-6 * n)  # 100 us per iteration plus 2 us per row
+    assert line.slope() == pytest.approx(2e-6) and line.at(10) == pytest.approx(120e-6)
+    for _ in range(400):  # the machine slows down: the fit follows, the old measurements fade
+        line.add(8, 300e-6)
+        line.add(16, 340e-6)
+    assert line.slope() == pytest.approx(5e-6, rel=0.05) and line.at(8) == pytest.approx(300e-6, rel=0.05)
+    flat = CostLine()
+    for _ in range(10):
+        flat.add(5, 50e-6)  # one size only: all of the time counts per unit
+    assert flat.slope() == pytest.approx(10e-6)
+
+
+def test_requests_go_solo_only_while_the_shared_batch_costs_each_row_more() -> None:
+    policy = _policy()
+    plain = [_prepared(1, 1e-3)]
+    assert not policy.prefers_solo(plain, 4)  # nothing measured yet: the shared batch
+    for n in (1, 2, 4, 8, 16, 32, 64) * 2:
+        policy.observe_iteration(100e-6 + 1e-6 * n, n)  # a fixed 100 us per iteration, 1 us per row
+    for k in (3, 10, 30):
+        policy.observe_solo(50e-6 + 5e-6 * k, k)  # one engine call: 5 us per iteration
+        policy.observe_solo(50e-6 + 5e-6 * k, k)
+        policy.observe_solo(50e-6 + 5e-6 * k, k)
+    assert policy.prefers_solo(plain, 4)  # 104 us / 4 rows = 26 us per row-iteration > 5 us
+    assert policy.prefers_solo(plain, 20)  # 120 / 20 = 6 us > 5
+    assert not policy.prefers_solo(plain, 64)  # 164 / 64 = 2.6 us < 5: the shared batch pays
+    assert not policy.prefers_solo([_prepared(2, 1e-3)], 4)  # several inputs: the shared batch
+    assert not policy.prefers_solo([_prepared(1, 1e-3, deadline=10.0)], 4)  # not a plain request
