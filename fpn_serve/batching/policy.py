@@ -65,8 +65,7 @@ class QueuePolicy(Generic[Item]):
         self.slack = slack
         self.occupied = 0  # rows encoding, ready, active or running alone: never more than capacity
         self.iteration_s = 50e-6  # running mean of one iteration's wall time
-        self.shared_cost = CostLine()  # seconds of one shared-batch iteration against its rows
-        self.solo_cost = CostLine()  # seconds of one input answered on its own against its iterations
+        self.chooser = ModeChooser()  # one engine call per input, or the shared batch: per load level
         self._waiting: list[tuple[float, int, int, Item]] = []  # heap of (virtual deadline, seq, rows, item)
         self._seq = itertools.count()  # ties keep arrival order
 
@@ -126,29 +125,19 @@ class QueuePolicy(Generic[Item]):
         """``rows`` rows left (answered, failed or done alone): their rooms are free."""
         self.occupied -= rows
 
-    def observe_iteration(self, seconds: float, rows: int = 0) -> None:
+    def observe_iteration(self, seconds: float) -> None:
         self.iteration_s += 0.05 * (seconds - self.iteration_s)
-        if rows:
-            self.shared_cost.add(rows, seconds)
 
-    def observe_solo(self, seconds: float, iterations: int) -> None:
-        """One input answered on its own (one engine call) took ``seconds`` for ``iterations``."""
-        self.solo_cost.add(iterations, seconds)
+    def goes_solo(self, taken: list[Prepared]) -> bool:
+        """Whether the requests just taken are answered one engine call each (on the CPU one
+        FPN1.onnx run, its loop inside ONNX Runtime) instead of joining the shared batch: plain
+        single inputs, while the chooser finds that faster at the present load."""
+        return self.chooser.mode == SOLO and all(p.rows == 1 and p.plain for p in taken)
 
-    def prefers_solo(self, taken: list[Prepared], rows_in_batch: int) -> bool:
-        """Whether the requests just taken are cheaper answered one by one (each one engine call:
-        on the CPU one FPN1.onnx run, its loop inside ONNX Runtime) than in the shared batch, which
-        would then hold ``rows_in_batch`` rows. Decided from the costs measured so far: an iteration
-        of the shared batch costs each of its rows ``t(n) / n`` (``t`` fitted against the rows), an
-        iteration of a solo call ``b`` (the slope of its time against its iterations). Without
-        both measurements, the shared batch."""
-        if not all(p.rows == 1 and p.plain for p in taken):
-            return False
-        solo = self.solo_cost.slope()
-        shared = self.shared_cost.at(rows_in_batch)
-        if solo is None or shared is None:
-            return False
-        return shared / rows_in_batch > solo
+    def answered(self, count: int, now: float) -> None:
+        """``count`` requests were answered (by either path), before their rooms are released: the
+        chooser's measure, at the load they met."""
+        self.chooser.answered(count, self.occupied + len(self._waiting), now)
 
 
 def expected_iterations(manifest: Manifest) -> Callable[[float], float]:
@@ -194,39 +183,47 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-class CostLine:
-    """Seconds against a size (rows of an iteration, iterations of a call), fitted as a line with
-    exponentially fading weights, so that it follows the machine's load."""
+SHARED, SOLO = "shared", "solo"
 
-    FADE = 0.98  # each new measurement counts about as much as the last fifty together
-    MIN_SAMPLES = 8.0
+
+class ModeChooser:
+    """Chooses between the shared batch and answering queued inputs one engine call each, from the
+    answers per second each achieved, at each load level (requests held or waiting, in powers of
+    two). Time is cut into epochs of ``EPOCH_S``; after each, the mode for the next is the faster
+    of the two at the epoch's level, or the other one when its figure there is missing or older
+    than ``STALE_S`` (so a change of machine load or traffic is noticed). An epoch with a pause
+    longer than itself is not measured: an idle server says nothing about either mode."""
+
+    EPOCH_S = 0.25
+    STALE_S = 10.0
 
     def __init__(self) -> None:
-        self._w = self._x = self._y = self._xx = self._xy = 0.0
+        self.mode = SHARED
+        self.rates: dict[tuple[int, str], tuple[float, float]] = {}  # (level, mode) -> (answers/s, when)
+        self._began = self._last = -math.inf
+        self._count = 0
+        self._load = 0.0
 
-    def add(self, x: float, y: float) -> None:
-        f = self.FADE
-        self._w = f * self._w + 1.0
-        self._x = f * self._x + x
-        self._y = f * self._y + y
-        self._xx = f * self._xx + x * x
-        self._xy = f * self._xy + x * y
+    def answered(self, count: int, load: int, now: float) -> None:
+        if now - self._last > self.EPOCH_S:  # idle meanwhile (or the first answer): a new epoch
+            self._began, self._count, self._load = now, 0, 0.0
+        self._last = now
+        self._count += count
+        self._load = max(self._load, float(load))
+        if now - self._began >= self.EPOCH_S:
+            self._close(now)
 
-    def _fit(self) -> tuple[float, float] | None:
-        """(intercept, slope), or None before MIN_SAMPLES measurements."""
-        if self._w < self.MIN_SAMPLES:
-            return None
-        w, x, y = self._w, self._x, self._y
-        var = self._xx * w - x * x
-        if var <= 1e-9 * max(self._xx * w, 1e-30):  # one size only: all of it per unit of size
-            return 0.0, y / x if x else 0.0
-        slope = (self._xy * w - x * y) / var
-        return (y - slope * x) / w, slope
-
-    def slope(self) -> float | None:
-        fit = self._fit()
-        return None if fit is None else max(fit[1], 0.0)
-
-    def at(self, x: float) -> float | None:
-        fit = self._fit()
-        return None if fit is None else max(fit[0] + fit[1] * x, 0.0)
+    def _close(self, now: float) -> None:
+        level = max(0, round(math.log2(max(self._load, 1.0))))
+        rate = self._count / (now - self._began)
+        kept = self.rates.get((level, self.mode))
+        if kept is not None and now - kept[1] <= self.STALE_S:
+            rate = 0.5 * (rate + kept[0])
+        self.rates[level, self.mode] = (rate, now)
+        other = SOLO if self.mode == SHARED else SHARED
+        theirs = self.rates.get((level, other))
+        if theirs is None or now - theirs[1] > self.STALE_S:
+            self.mode = other  # not measured here lately: try it
+        elif theirs[0] > rate:
+            self.mode = other
+        self._began, self._count, self._load = now, 0, 0.0

@@ -261,8 +261,9 @@ class Scheduler:
         ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX Runtime
         run): the same answer to the bit as the shared batch gives, without two thread hand-offs
         and the per-iteration bookkeeping."""
-        outcome = self._solo(req)
+        outcome = _outcome(self.engine, req.prepared)
         with self._lock:
+            self.policy.answered(1, time.perf_counter())
             self.policy.release(1)
             self._alone_rows = 0
             self._alone_count += 1
@@ -276,25 +277,19 @@ class Scheduler:
     def _loop_turned(self) -> None:
         self._loop_owed = False
 
-    def _solo(self, req: _Request) -> Outcome:
-        """One input answered by one engine call, its time noted for the choice between that and
-        the shared batch."""
-        began = time.perf_counter()
-        outcome = _outcome(self.engine, req.prepared)
-        if not isinstance(outcome, BaseException):
-            self.policy.observe_solo(time.perf_counter() - began, int(outcome.iterations[0]))
-        return outcome
 
-    def _answer_solo(self, taken: list[_Request], rows: int) -> None:
-        """In the encoder's thread: requests the policy found cheaper one by one than in the shared
-        batch, each answered by one engine call (the stepper never sees them)."""
+    def _answer_solo(self, taken: list[_Request]) -> None:
+        """In the encoder's thread: requests the policy sends solo, each answered by one engine
+        call (the stepper never sees them), its room freed before its caller hears of it."""
         for req in taken:
-            settle([(req, self._solo(req))])
-        with self._lock:
-            self.policy.release(rows)
-            self._encoding_rows -= rows
-            self._alone_count += len(taken)
-            self._to_step.notify()  # a stop may be waiting for the encoders to finish
+            outcome = _outcome(self.engine, req.prepared)
+            with self._lock:
+                self.policy.answered(1, time.perf_counter())
+                self.policy.release(1)
+                self._encoding_rows -= 1
+                self._alone_count += 1
+                self._to_step.notify()  # a stop may be waiting for the encoders to finish
+            settle([(req, outcome)])
 
     # -- the encoder: Q of newcomers, a few rows at a time -----------------------------------
     def _encode_loop(self) -> None:
@@ -307,15 +302,11 @@ class Scheduler:
                     self._to_encode.wait()
                 taken, rows = self.policy.take(still_wanted)
                 self._encoding_rows += rows
-                solo = (
-                    bool(taken)
-                    and self._can_run_alone
-                    and self.policy.prefers_solo([r.prepared for r in taken], self.policy.occupied)
-                )
+                solo = bool(taken) and self._can_run_alone and self.policy.goes_solo([r.prepared for r in taken])
             if not taken:  # the head of the queue had been given up on
                 continue
-            if solo:
-                self._answer_solo(taken, rows)
+            if solo:  # single inputs only: one row each
+                self._answer_solo(taken)
                 continue
             try:
                 xs = [r.prepared.x for r in taken]
@@ -369,17 +360,19 @@ class Scheduler:
         self._counts["max_active_seen"] = max(self._counts["max_active_seen"], n)
         began = time.perf_counter()
         r, st = self._runner.step()
-        self.policy.observe_iteration(time.perf_counter() - began, n)
+        self.policy.observe_iteration(time.perf_counter() - began)
         self._counts["iterations"] += 1
         keep, finished = self._active.advance(r, st, self._runner.current, self._inspect)
         if keep is None:
             return
         self._runner.keep(keep)
+        answered = [w for w in finished if not w.abandoned]
         with self._lock:  # room for newcomers
+            if answered:
+                self.policy.answered(len(answered), time.perf_counter())
             self.policy.release(n - self._runner.n)
             if self.policy.waiting:
                 self._to_encode.notify()
-        answered = [w for w in finished if not w.abandoned]
         self._counts["evicted"] += len(finished) - len(answered)
         if answered:
             self._counts["answered"] += answer(self.engine, answered)

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fpn_serve.batching.policy import ALONE_MAX_ITER, CostLine, QueuePolicy
+from fpn_serve.batching.policy import ALONE_MAX_ITER, SHARED, SOLO, ModeChooser, QueuePolicy
 from fpn_serve.errors import QueueFull
 from fpn_serve.runtime.active import ActiveSet
 from fpn_serve.runtime.request import Prepared
@@ -136,34 +136,48 @@ def test_only_a_short_lone_input_in_an_idle_scheduler_runs_alone() -> None:
     assert not policy.may_run_alone(_prepared(1, 1e-3))  # someone is waiting
 
 
-def test_a_cost_line_recovers_a_fixed_and_a_per_unit_cost() -> None:
-    line = CostLine()
-    assert line.slope() is None and line.at(4) is None  # not measured yet
-    for n in [1, 2, 4, 8, 16, 32] * 3:
-        line.add(n, 100e-6 + 2e-6 * n)  # 100 us per iteration plus 2 us per row
-    assert line.slope() == pytest.approx(2e-6) and line.at(10) == pytest.approx(120e-6)
-    for _ in range(400):  # the machine slows down: the fit follows, the old measurements fade
-        line.add(8, 300e-6)
-        line.add(16, 340e-6)
-    assert line.slope() == pytest.approx(5e-6, rel=0.05) and line.at(8) == pytest.approx(300e-6, rel=0.05)
-    flat = CostLine()
-    for _ in range(10):
-        flat.add(5, 50e-6)  # one size only: all of the time counts per unit
-    assert flat.slope() == pytest.approx(10e-6)
+def _epochs(chooser: ModeChooser, now: float, rate: dict[str, float], load: int, seconds: float) -> float:
+    """Answers at ``rate[mode]`` per second for ``seconds``, at ``load``; returns the time after."""
+    step = 0.01
+    for _ in range(round(seconds / step)):
+        now += step
+        chooser.answered(max(1, round(rate[chooser.mode] * step)), load, now)
+    return now
 
 
-def test_requests_go_solo_only_while_the_shared_batch_costs_each_row_more() -> None:
+def test_the_chooser_tries_both_modes_and_keeps_the_faster_at_each_load() -> None:
+    chooser = ModeChooser()
+    assert chooser.mode == SHARED  # before any measurement
+    now = _epochs(chooser, 0.0, {SHARED: 1000.0, SOLO: 2000.0}, load=8, seconds=2.0)
+    assert chooser.mode == SOLO and chooser.rates[3, SOLO][0] > chooser.rates[3, SHARED][0]
+    modes = set()
+    for _ in range(20):  # it stays with the faster one while both figures are fresh
+        now = _epochs(chooser, now, {SHARED: 1000.0, SOLO: 2000.0}, load=8, seconds=0.25)
+        modes.add(chooser.mode)
+    assert modes == {SOLO}
+    # another load level has figures of its own: there the shared batch is faster
+    now = _epochs(chooser, now, {SHARED: 4000.0, SOLO: 2000.0}, load=64, seconds=2.0)
+    assert chooser.mode == SHARED and (6, SHARED) in chooser.rates and chooser.rates[3, SOLO][0] > 1500
+    # a figure older than STALE_S is measured again: the machine may have changed
+    seen = set()
+    for _ in range(round(ModeChooser.STALE_S / 0.25) + 8):
+        now = _epochs(chooser, now, {SHARED: 4000.0, SOLO: 2000.0}, load=64, seconds=0.25)
+        seen.add(chooser.mode)
+    assert seen == {SHARED, SOLO} and chooser.mode == SHARED
+
+
+def test_an_idle_pause_is_not_measured() -> None:
+    chooser = ModeChooser()
+    chooser.answered(1, 1, 0.0)
+    chooser.answered(1, 1, 5.0)  # five idle seconds: the epoch starts again here, nothing measured
+    assert chooser.rates == {} and chooser.mode == SHARED
+
+
+def test_only_plain_single_inputs_go_solo() -> None:
     policy = _policy()
-    plain = [_prepared(1, 1e-3)]
-    assert not policy.prefers_solo(plain, 4)  # nothing measured yet: the shared batch
-    for n in (1, 2, 4, 8, 16, 32, 64) * 2:
-        policy.observe_iteration(100e-6 + 1e-6 * n, n)  # a fixed 100 us per iteration, 1 us per row
-    for k in (3, 10, 30):
-        policy.observe_solo(50e-6 + 5e-6 * k, k)  # one engine call: 5 us per iteration
-        policy.observe_solo(50e-6 + 5e-6 * k, k)
-        policy.observe_solo(50e-6 + 5e-6 * k, k)
-    assert policy.prefers_solo(plain, 4)  # 104 us / 4 rows = 26 us per row-iteration > 5 us
-    assert policy.prefers_solo(plain, 20)  # 120 / 20 = 6 us > 5
-    assert not policy.prefers_solo(plain, 64)  # 164 / 64 = 2.6 us < 5: the shared batch pays
-    assert not policy.prefers_solo([_prepared(2, 1e-3)], 4)  # several inputs: the shared batch
-    assert not policy.prefers_solo([_prepared(1, 1e-3, deadline=10.0)], 4)  # not a plain request
+    policy.chooser.mode = SOLO
+    assert policy.goes_solo([_prepared(1, 1e-3), _prepared(1, 1e-6)])
+    assert not policy.goes_solo([_prepared(1, 1e-3), _prepared(2, 1e-3)])  # several inputs: the shared batch
+    assert not policy.goes_solo([_prepared(1, 1e-3, deadline=10.0)])  # a deadline: the step loop
+    policy.chooser.mode = SHARED
+    assert not policy.goes_solo([_prepared(1, 1e-3)])

@@ -481,20 +481,21 @@ def test_answered_requests_leave_no_reference_cycles(engine: Engine, digits: np.
         scheduler.stop()
 
 
-def test_requests_the_costs_send_solo_are_answered_one_call_each_as_alone(engine: Engine, digits: np.ndarray) -> None:
-    """When the measured costs say the shared batch costs each row more than one engine call per
-    input, the encoder answers the queued inputs one call each: the same answers as alone."""
+def test_requests_sent_solo_are_answered_one_call_each_as_alone(engine: Engine, digits: np.ndarray) -> None:
+    """While the chooser finds one engine call per input faster than the shared batch, the encoder
+    answers the queued inputs one call each: the same answers as alone, no shared iteration."""
+    from fpn_serve.batching.policy import SOLO
+
     scheduler = Scheduler(engine, max_active=32)
-    for n in range(1, 33):  # a shared batch that costs a fixed 1 ms per iteration
-        scheduler.policy.observe_iteration(1e-3, n)
-    for k in range(1, 20):  # one engine call: 1 us per iteration
-        scheduler.policy.observe_solo(1e-4 + 1e-6 * k, k)
+    chooser = scheduler.policy.chooser
+    chooser.mode, chooser.EPOCH_S = SOLO, 1e9  # no epoch ends in this test: the mode stays
     scheduler.start()
+    tols = [1e-1, 1e-3, 1e-6] * 8
     try:
-        futures = [scheduler.submit(digits[i][None], tol) for i, tol in enumerate([1e-1, 1e-3, 1e-6] * 8)]
+        futures = [scheduler.submit(digits[i][None], tol) for i, tol in enumerate(tols)]
         got = [f.result(timeout=60) for f in futures]
-        assert scheduler.stats["alone"] == len(futures) and scheduler.stats["iterations"] == 0  # no shared batch
-        for i, (tol, r) in enumerate(zip([1e-1, 1e-3, 1e-6] * 8, got, strict=True)):
+        assert scheduler.stats["alone"] == len(futures) and scheduler.stats["iterations"] == 0
+        for i, (tol, r) in enumerate(zip(tols, got, strict=True)):
             solo = engine.classify(digits[i][None], tol=tol)
             assert r.iterations.tolist() == solo.iterations.tolist() and r.labels.tolist() == solo.labels.tolist()
             np.testing.assert_array_equal(r.logits, solo.logits)
