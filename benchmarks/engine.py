@@ -280,7 +280,7 @@ def bench_scheduler(model_dir: Path, x_all: np.ndarray, quick: bool) -> dict[str
     try:
         alone = asyncio.run(alone_ms())
         rows = []
-        for callers in (1, 8, 32, 64):
+        for callers in (1, 2, 4, 8, 16, 32, 64):
             per_caller = max(per_caller_total // callers, 10)
             seq = _load(sequential, x_all, callers, per_caller)
             sch = _load(batched, x_all, callers, per_caller)
