@@ -9,8 +9,12 @@ its last sample leaves, however long the others run. Q of newcomers never stalls
 the requests already running, and ONNX Runtime releases the GIL, so on two or more cores the two
 stages run at once.
 
-The queue's order, the room count and the choice to run an input alone are the policy's
-(``policy.py``); this module carries them out.
+When the policy's chooser finds it faster at the present load (it measures both), the encoder
+instead answers queued single inputs one engine call each (on the CPU one FPN1.onnx run, the
+loop inside ONNX Runtime), and the stepper never sees them.
+
+The queue's order, the room count, the choice to run an input alone and the choice between the
+shared batch and solo calls are the policy's (``policy.py``); this module carries them out.
 
     scheduler = Scheduler(engine, max_active=256, max_queue=1024)
     scheduler.start()
@@ -58,13 +62,11 @@ class _Request:
     work: Work | None = None  # its rows in the active set, once it joins the shared batch
 
 
-class Scheduler:
-    """Shares one active batch between concurrent ``classify`` calls on one engine.
-
-    ``encode_rows``: inputs per batched Q run. ``slack``: the virtual-deadline factor (0: first
-    come, first served; larger: loose tolerances first, tight ones later). ``encoders``: threads
-    computing Q (one keeps a 2-core machine's other core for the stepper and the event loop).
-    """
+class _Workers:
+    """The scheduler's mechanism: its state, and its threads. Encoders compute Q for newcomers (or
+    answer the single inputs the policy sends solo, one engine call each); the stepper runs one
+    iteration of the shared batch at a time and answers the rows that stop. ``Scheduler`` adds
+    the callers' side."""
 
     def __init__(
         self,
@@ -105,41 +107,6 @@ class Scheduler:
         self._alone_count = 0
         self._can_run_alone = engine.single_graph  # one input has a one-call path (FPN1.onnx on the CPU)
 
-    # -- public ------------------------------------------------------------------------------
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counts so far: iterations of the shared batch, requests admitted and answered (those run alone
-        included), requests evicted because their callers left, requests run alone (``alone``) and the
-        largest active batch."""
-        counts = dict(self._counts)
-        alone = self._alone_count
-        counts["admitted"] += alone
-        counts["answered"] += alone
-        counts["alone"] = alone
-        return counts
-
-    @property
-    def queue_depth(self) -> int:
-        return self.policy.waiting
-
-    @property
-    def active(self) -> int:
-        return self._runner.n
-
-    def wait_quiet(self, quiet_s: float = 0.05, timeout_s: float = 1.0) -> bool:
-        """Block until no request has arrived for ``quiet_s`` and none is queued or running, or
-        ``timeout_s`` has passed; True if it is quiet. For background work that should neither slow
-        the traffic nor be timed beside it (the latency targets' cost measurement)."""
-        end = time.perf_counter() + timeout_s
-        while True:
-            now = time.perf_counter()
-            since = now - self._last_arrival
-            if since >= quiet_s and not self.policy.waiting and not self._runner.n and not self._alone_rows:
-                return True
-            if now >= end:
-                return False
-            time.sleep(max(1e-3, min(quiet_s - since if since < quiet_s else quiet_s / 5, end - now)))
-
     def start(self) -> None:
         with self._lock:
             if self._running:
@@ -166,118 +133,7 @@ class Scheduler:
             thread.join(timeout)
         self._threads = []
 
-    def submit(
-        self,
-        x: Prepared | Any,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        **options: Any,
-    ) -> Future[ClassifyResult]:
-        """Queue a request (a ``Prepared`` one, or inputs and parameters to prepare: ``options`` are
-        ``engine.prepare``'s, e.g. ``deadline_ms``, ``stop``, ``trace``, ``u0``); the future
-        resolves to the same result ``engine.classify`` would give.
-
-        Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
-        """
-        future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=False)
-        return future
-
-    def submit_async(
-        self,
-        x: Prepared | Any,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        **options: Any,
-    ) -> asyncio.Future[ClassifyResult]:
-        """``submit`` for a caller on a running event loop: the answer comes as an asyncio future of
-        that loop, and the answers that finish in one iteration reach the loop in one wake-up.
-        Cancelling the future (or failing it, as a timeout does) evicts the request's rows from the
-        shared batch at the next iteration."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[ClassifyResult] = loop.create_future()
-        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=not self._loop_owed)
-        if request is not None:
-            future.add_done_callback(functools.partial(self._given_up, request))
-        return future
-
-    def classify(
-        self,
-        x: Prepared | Any,
-        tol: float | None = None,
-        max_iter: int | None = None,
-        **options: Any,
-    ) -> ClassifyResult:
-        """``submit`` and wait. An input that finds the scheduler idle runs alone, in this thread."""
-        future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=True)
-        return future.result()
-
-    # -- the caller's side -------------------------------------------------------------------
-    def _prepare(self, x: Prepared | Any, tol: float | None, max_iter: int | None, options: dict[str, Any]) -> Prepared:
-        return _admissible(x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, **options), self)
-
-    def _enqueue(
-        self,
-        prepared: Prepared,
-        future: AnyFuture,
-        loop: asyncio.AbstractEventLoop | None,
-        *,
-        alone: bool,
-    ) -> _Request | None:
-        """Queue the request, or run it alone in this thread; returns it if it was queued."""
-        request = _Request(prepared, future, loop)
-        self._last_arrival = now = time.perf_counter()
-        with self._lock:
-            if not self._running:
-                raise QueueFull("the scheduler is not running", retry_after=1.0)
-            # One input in an idle scheduler runs as one engine call in the caller's thread. On an
-            # event loop that blocks the loop; the next request of that loop runs alone only after the
-            # loop has turned once (read its sockets, resumed its other callers), so a burst of
-            # callers still meets in the shared batch.
-            alone = alone and self._can_run_alone and self.policy.may_run_alone(prepared)
-            if alone and not still_wanted(request):  # cancelled before it began: nothing to run
-                self.policy.release(1)
-                return None
-            if alone:
-                self._alone_rows = 1
-            else:
-                self.policy.push(request, prepared, now)
-                self._to_encode.notify()
-        if alone:
-            self._run_alone(request)
-            return None
-        return request
-
-    def _given_up(self, request: _Request, future: asyncio.Future[ClassifyResult]) -> None:
-        """On the caller's loop, when its future is done: if that was not this scheduler's answer
-        (cancelled, or failed by a timeout), its rows leave the shared batch at the next iteration."""
-        work = request.work
-        if work is not None and work.remaining:
-            self._active.abandon(work)
-
-    def _run_alone(self, req: _Request) -> None:
-        """Answer a request that found the scheduler idle in the caller's own thread, with one
-        ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX Runtime
-        run): the same answer to the bit as the shared batch gives, without two thread hand-offs
-        and the per-iteration bookkeeping."""
-        outcome = _outcome(self.engine, req.prepared)
-        with self._lock:
-            self.policy.answered(1, time.perf_counter())
-            self.policy.release(1)
-            self._alone_rows = 0
-            self._alone_count += 1
-            if self.policy.waiting:
-                self._to_encode.notify()
-        if req.loop is not None:
-            self._loop_owed = True
-            req.loop.call_soon(self._loop_turned)
-        resolve([(req.future, outcome)])  # type: ignore[list-item]  # skipped if its caller gave up
-
-    def _loop_turned(self) -> None:
-        self._loop_owed = False
-
-
+    # -- answering solo, in an encoder's thread -----------------------------------------------
     def _answer_solo(self, taken: list[_Request]) -> None:
         """In the encoder's thread: requests the policy sends solo, each answered by one engine
         call (the stepper never sees them), its room freed before its caller hears of it."""
@@ -398,6 +254,161 @@ class Scheduler:
         settle([(req, exc) for req in victims])
         if self._runner.n:
             self._runner.keep(np.zeros(self._runner.n, bool))
+
+
+class Scheduler(_Workers):
+    """Shares one active batch between concurrent ``classify`` calls on one engine.
+
+    ``encode_rows``: inputs per batched Q run. ``slack``: the virtual-deadline factor (0: first
+    come, first served; larger: loose tolerances first, tight ones later). ``encoders``: threads
+    computing Q (one keeps a 2-core machine's other core for the stepper and the event loop).
+    """
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts so far: iterations of the shared batch, requests admitted and answered (those run alone
+        included), requests evicted because their callers left, requests run alone (``alone``) and the
+        largest active batch."""
+        counts = dict(self._counts)
+        alone = self._alone_count
+        counts["admitted"] += alone
+        counts["answered"] += alone
+        counts["alone"] = alone
+        return counts
+
+    @property
+    def queue_depth(self) -> int:
+        return self.policy.waiting
+
+    @property
+    def active(self) -> int:
+        return self._runner.n
+
+    def wait_quiet(self, quiet_s: float = 0.05, timeout_s: float = 1.0) -> bool:
+        """Block until no request has arrived for ``quiet_s`` and none is queued or running, or
+        ``timeout_s`` has passed; True if it is quiet. For background work that should neither slow
+        the traffic nor be timed beside it (the latency targets' cost measurement)."""
+        end = time.perf_counter() + timeout_s
+        while True:
+            now = time.perf_counter()
+            since = now - self._last_arrival
+            if since >= quiet_s and not self.policy.waiting and not self._runner.n and not self._alone_rows:
+                return True
+            if now >= end:
+                return False
+            time.sleep(max(1e-3, min(quiet_s - since if since < quiet_s else quiet_s / 5, end - now)))
+
+    def submit(
+        self,
+        x: Prepared | Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        **options: Any,
+    ) -> Future[ClassifyResult]:
+        """Queue a request (a ``Prepared`` one, or inputs and parameters to prepare: ``options`` are
+        ``engine.prepare``'s, e.g. ``deadline_ms``, ``stop``, ``trace``, ``u0``); the future
+        resolves to the same result ``engine.classify`` would give.
+
+        Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
+        """
+        future: Future[ClassifyResult] = Future()
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=False)
+        return future
+
+    def submit_async(
+        self,
+        x: Prepared | Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        **options: Any,
+    ) -> asyncio.Future[ClassifyResult]:
+        """``submit`` for a caller on a running event loop: the answer comes as an asyncio future of
+        that loop, and the answers that finish in one iteration reach the loop in one wake-up.
+        Cancelling the future (or failing it, as a timeout does) evicts the request's rows from the
+        shared batch at the next iteration."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ClassifyResult] = loop.create_future()
+        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=not self._loop_owed)
+        if request is not None:
+            future.add_done_callback(functools.partial(self._given_up, request))
+        return future
+
+    def classify(
+        self,
+        x: Prepared | Any,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        **options: Any,
+    ) -> ClassifyResult:
+        """``submit`` and wait. An input that finds the scheduler idle runs alone, in this thread."""
+        future: Future[ClassifyResult] = Future()
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=True)
+        return future.result()
+
+    # -- the caller's side -------------------------------------------------------------------
+    def _prepare(self, x: Prepared | Any, tol: float | None, max_iter: int | None, options: dict[str, Any]) -> Prepared:
+        return _admissible(x if isinstance(x, Prepared) else self.engine.prepare(x, tol, max_iter, **options), self)
+
+    def _enqueue(
+        self,
+        prepared: Prepared,
+        future: AnyFuture,
+        loop: asyncio.AbstractEventLoop | None,
+        *,
+        alone: bool,
+    ) -> _Request | None:
+        """Queue the request, or run it alone in this thread; returns it if it was queued."""
+        request = _Request(prepared, future, loop)
+        self._last_arrival = now = time.perf_counter()
+        with self._lock:
+            if not self._running:
+                raise QueueFull("the scheduler is not running", retry_after=1.0)
+            # One input in an idle scheduler runs as one engine call in the caller's thread. On an
+            # event loop that blocks the loop; the next request of that loop runs alone only after the
+            # loop has turned once (read its sockets, resumed its other callers), so a burst of
+            # callers still meets in the shared batch.
+            alone = alone and self._can_run_alone and self.policy.may_run_alone(prepared)
+            if alone and not still_wanted(request):  # cancelled before it began: nothing to run
+                self.policy.release(1)
+                return None
+            if alone:
+                self._alone_rows = 1
+            else:
+                self.policy.push(request, prepared, now)
+                self._to_encode.notify()
+        if alone:
+            self._run_alone(request)
+            return None
+        return request
+
+    def _given_up(self, request: _Request, future: asyncio.Future[ClassifyResult]) -> None:
+        """On the caller's loop, when its future is done: if that was not this scheduler's answer
+        (cancelled, or failed by a timeout), its rows leave the shared batch at the next iteration."""
+        work = request.work
+        if work is not None and work.remaining:
+            self._active.abandon(work)
+
+    def _run_alone(self, req: _Request) -> None:
+        """Answer a request that found the scheduler idle in the caller's own thread, with one
+        ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX Runtime
+        run): the same answer to the bit as the shared batch gives, without two thread hand-offs
+        and the per-iteration bookkeeping."""
+        outcome = _outcome(self.engine, req.prepared)
+        with self._lock:
+            self.policy.answered(1, time.perf_counter())
+            self.policy.release(1)
+            self._alone_rows = 0
+            self._alone_count += 1
+            if self.policy.waiting:
+                self._to_encode.notify()
+        if req.loop is not None:
+            self._loop_owed = True
+            req.loop.call_soon(self._loop_turned)
+        resolve([(req.future, outcome)])  # type: ignore[list-item]  # skipped if its caller gave up
+
+    def _loop_turned(self) -> None:
+        self._loop_owed = False
 
 
 def _admissible(prepared: Prepared, scheduler: Scheduler) -> Prepared:

@@ -266,9 +266,7 @@ async def classify(
     request: Request,
     registry: Registry,
     settings: AppSettings,
-    tol: Annotated[
-        float | None, Query(gt=0, le=MAX_TOL, description="per-sample residual tolerance; default: the model's")
-    ] = None,
+    tol: Annotated[float | None, Query(gt=0, le=MAX_TOL, description="tolerance per sample; default: model's")] = None,
     max_iter: Annotated[int | None, Query(ge=1, description="iteration cap; default: the model's")] = None,
     model: Annotated[str | None, Query(max_length=64, description="model name; default: the first served")] = None,
     solver: Annotated[Literal["fixed_point", "anderson"], Query(description="forward solver")] = "fixed_point",
