@@ -19,10 +19,17 @@ from fpn_serve import __version__
 from fpn_serve.contract import FORMAT
 
 from .fpn import FPN
-from .loop_graph import build_loop_model, build_single_loop_model, build_step_model, crop_unread_input
+from .loop_graph import (
+    build_loop_model,
+    build_single_loop_model,
+    build_step_model,
+    build_steps_model,
+    crop_unread_input,
+)
 from .precision import convert as convert_precision
 
 GRAPH_FILES = {"fpn": "FPN.onnx", "fpn1": "FPN1.onnx"}  # other roles: ROLE.onnx
+KEPT_METADATA = ("fpn.steps",)  # metadata a composition writes that the runtime reads
 
 
 def graph_file(role: str) -> str:
@@ -113,8 +120,9 @@ def finish_graph(path: Path, name: str, role: str, opset: int) -> None:
     model = onnx.load(str(path))
     model.doc_string = ""
     strip_graph(model.graph)
+    kept = {p.key: p.value for p in model.metadata_props if p.key in KEPT_METADATA}
     del model.metadata_props[:]
-    meta = {"fpn.model": name, "fpn.role": role, "fpn.format": FORMAT, "fpn.opset": str(opset)}
+    meta = {"fpn.model": name, "fpn.role": role, "fpn.format": FORMAT, "fpn.opset": str(opset), **kept}
     onnx.helper.set_model_props(model, meta)
     model.producer_name, model.producer_version = "fpn-export", __version__
     onnx.checker.check_model(model, full_check=True)
@@ -131,7 +139,7 @@ def write_graphs(
     loop: bool,
     calibration: np.ndarray | None = None,
 ) -> list[str]:
-    """Write Q, T, S (in ``precision``), step.onnx and, with ``loop``, FPN.onnx and FPN1.onnx; return the
+    """Write Q, T, S (in ``precision``), step.onnx, steps.onnx and, with ``loop``, FPN.onnx and FPN1.onnx; return the
     roles. ``calibration``: normalised training inputs, for ``int8-static``."""
     latent = model.config.latent_dim
     x = torch.zeros(2, *input_shape)
@@ -143,7 +151,8 @@ def write_graphs(
     convert_precision(folder, precision, calibration)
     q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
     onnx.save(build_step_model(t), str(folder / "step.onnx"))
-    roles = ["Q", "T", "S", "step"]
+    onnx.save(build_steps_model(t), str(folder / "steps.onnx"))
+    roles = ["Q", "T", "S", "step", "steps"]
     if loop:
         onnx.save(build_loop_model(q, t, s), str(folder / graph_file("fpn")))
         onnx.save(build_single_loop_model(q, t, s), str(folder / graph_file("fpn1")))

@@ -1,6 +1,7 @@
 """Graphs composed from the exported Q, T and S at the ONNX level, for any precision.
 
 ``build_step_model``: step.onnx, T with the per-sample residual fused in.
+``build_steps_model``: steps.onnx, ``k`` applications of T in one run, each row frozen at its own stop.
 ``build_loop_model``: FPN.onnx, Q, the whole fixed-point iteration (an ONNX Loop) and S in one graph.
 ``build_single_loop_model``: FPN1.onnx, the same for exactly one input, with a lean loop body.
 
@@ -37,12 +38,13 @@ from .graph_builder import (
     GraphBuilder,
     batch_one,
     latent_dims,
+    prefixed,
     residual_nodes,
     typed,
     value,
 )
 
-F32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+F32, I32, I64, BOOL = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL
 
 _FLOAT_OPS = {"MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Neg", "Relu", "LeakyRelu", "Tanh", "Sigmoid"}
 _FLOAT_OPS |= {"Transpose", "Reshape", "Identity", "Constant"}
@@ -107,6 +109,95 @@ def build_step_model(t: onnx.ModelProto) -> onnx.ModelProto:
             value("step_norm", F32, ["batch"]),
         ],
     )
+
+
+STEPS_K = 4  # applications of T per steps.onnx run: the shared batch's host work and syncs, divided by 4
+
+
+def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
+    """steps.onnx: ``k`` masked applications of T, unrolled, with each row's stopping rule inside.
+
+    Inputs ``u``, ``z`` [batch, *latent], ``tol`` (float32 [batch]), ``max_iter`` and ``iterations``
+    (int32 [batch]: each row's cap and the applications it has had). A row given is active while
+    its count is below its cap and, after each application, while its residual is not <= its tol
+    (the active set's rule, NaN included; a row that has stopped is left out, or capped at its
+    count); an application moves only active rows, so a row that stops
+    at the j-th application leaves with that iterate, residual, step and count, exactly as in a
+    loop of one step per run. Outputs ``u_next``, ``residual``, ``step_norm`` (float32 [batch]) and
+    ``iterations_next``. A row with ``max_iter`` 0 never moves (padding). T's weights are stored once;
+    the model's metadata ``fpn.steps`` says ``k``.
+    """
+    if k < 1:
+        raise ValueError("k must be >= 1")
+    builder = GraphBuilder(t)
+    latent = latent_dims(t)
+    hoist = _hoistable(t)
+    first = builder.copy(t, "t0/", {"u": "s0/u", "z": "z", "u_next": "s0/v"})
+    once, body = _split_invariant(first, {"s0/u"}) if hoist else ([], first)
+    shared = {init.name: "t0/" + init.name for init in t.graph.initializer}
+    shared |= {o.removeprefix("t0/"): o for node in once for o in node.output}
+    nodes: list[onnx.NodeProto] = [
+        *once,
+        helper.make_node("Identity", ["u"], ["s0/u"], name="s0/u"),
+        helper.make_node("Identity", ["iterations"], ["s0/it"], name="s0/it"),
+        helper.make_node("Less", ["iterations", "max_iter"], ["s0/act"], name="s0/act"),
+    ]
+    for j in range(k):
+        a, b = f"s{j}/", f"s{j + 1}/"
+        if j:
+            copied, _ = prefixed(t.graph, f"t{j}/", shared | {"u": a + "u", "z": "z", "u_next": a + "v"})
+            body = _split_invariant(copied, {a + "u"})[1] if hoist else copied
+        last = j == k - 1
+        u_out, r_out, s_out, it_out = (
+            ("u_next", "residual", "step_norm", "iterations_next") if last else (b + "u", b + "r", b + "s", b + "it")
+        )
+        nodes += [
+            *body,
+            *residual_nodes(a + "v", a + "u", a, a + "res", a + "step"),
+            helper.make_node("Unsqueeze", [a + "act", AXES], [a + "act_u"], name=a + "act_u"),
+            helper.make_node("Where", [a + "act_u", a + "v", a + "u"], [u_out], name=a + "u_out"),
+            helper.make_node("Cast", [a + "act"], [a + "act_i"], to=I32, name=a + "act_i"),
+            helper.make_node("Add", [a + "it", a + "act_i"], [it_out], name=a + "it_out"),
+        ]
+        if j:  # rows inactive from the start (padding) keep their first-step figures, which nobody reads
+            nodes += [
+                helper.make_node("Where", [a + "act", a + "res", a + "r"], [r_out], name=a + "r_out"),
+                helper.make_node("Where", [a + "act", a + "step", a + "s"], [s_out], name=a + "s_out"),
+            ]
+        else:
+            nodes += [
+                helper.make_node("Identity", [a + "res"], [r_out], name=a + "r_out"),
+                helper.make_node("Identity", [a + "step"], [s_out], name=a + "s_out"),
+            ]
+        if not last:  # still active: moved now, not within tol (NaN is not), below its cap
+            nodes += [
+                helper.make_node("LessOrEqual", [a + "res", "tol"], [a + "met"], name=a + "met"),
+                helper.make_node("Not", [a + "met"], [a + "unmet"], name=a + "unmet"),
+                helper.make_node("Less", [it_out, "max_iter"], [a + "below"], name=a + "below"),
+                helper.make_node("And", [a + "act", a + "unmet"], [a + "go"], name=a + "go"),
+                helper.make_node("And", [a + "go", a + "below"], [b + "act"], name=b + "act"),
+            ]
+    builder.shared(AXES, EPS, latent_rank=len(latent))
+    batch = ["batch"]
+    model = builder.build(
+        "steps",
+        nodes,
+        [
+            typed("u", t.graph.input[0].type),
+            typed("z", t.graph.input[1].type),
+            value("tol", F32, batch),
+            value("max_iter", I32, batch),
+            value("iterations", I32, batch),
+        ],
+        [
+            typed("u_next", t.graph.output[0].type),
+            value("residual", F32, batch),
+            value("step_norm", F32, batch),
+            value("iterations_next", I32, batch),
+        ],
+    )
+    helper.set_model_props(model, {"fpn.steps": str(k)})  # how many applications one run makes
+    return model
 
 
 def _batch_body(t_body: list[onnx.NodeProto], latent: list[int]) -> onnx.GraphProto:

@@ -81,15 +81,16 @@ def compare_ort(onnx_path: Path, ort_path: Path, batch: int = 4) -> float:
 
 def sample_feeds(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
     """Inputs for any graph of a model folder: random float tensors (batch ``batch``, or 1 where the
-    axis is fixed), tol 1e-4 and max_iter 20 for the looped graphs."""
+    axis is fixed), tol 1e-4 and max_iter 20 for the looped graphs (a scalar, or one per row for
+    steps.onnx, whose rows start at zero iterations)."""
     rng = np.random.default_rng(0)
+    integer = {"tensor(int32)": np.int32, "tensor(int64)": np.int64}
+    fill = {"tol": 1e-4, "max_iter": 20, "iterations": 0}
     feeds: dict[str, np.ndarray] = {}
     for arg in session.get_inputs():
-        if arg.name == "tol":
-            feeds[arg.name] = np.array(1e-4, np.float32)
-        elif arg.name == "max_iter":
-            feeds[arg.name] = np.array(20, np.int64)
+        shape = [d if isinstance(d, int) else batch for d in arg.shape]
+        if arg.name in fill:
+            feeds[arg.name] = np.full(shape, fill[arg.name], integer.get(arg.type, np.float32))
         else:
-            shape = [d if isinstance(d, int) else batch for d in arg.shape]
             feeds[arg.name] = rng.standard_normal(shape).astype(np.float32)
     return feeds

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..errors import InputError, QueueFull
 from ..runtime.active import ActiveSet, Work
-from ..runtime.engine import Engine
+from ..runtime.engine import Engine, advance
 from ..runtime.request import Prepared
 from ..runtime.result import ClassifyResult
 from .delivery import AnyFuture, Outcome, answer, resolve, settle, still_wanted
@@ -144,7 +144,8 @@ class _Workers:
                 self.policy.release(1)
                 self._encoding_rows -= 1
                 self._alone_count += 1
-                self._to_step.notify()  # a stop may be waiting for the encoders to finish
+                if not self._running:
+                    self._to_step.notify()  # a stop waits for the encoders to finish
             settle([(req, outcome)])
 
     # -- the encoder: Q of newcomers, a few rows at a time -----------------------------------
@@ -214,11 +215,11 @@ class _Workers:
     def _iterate(self) -> None:
         n = self._runner.n
         self._counts["max_active_seen"] = max(self._counts["max_active_seen"], n)
+        k = self._runner.k if self._runner.multi and self._active.multistep else 1
         began = time.perf_counter()
-        r, st = self._runner.step()
-        self.policy.observe_iteration(time.perf_counter() - began)
-        self._counts["iterations"] += 1
-        keep, finished = self._active.advance(r, st, self._runner.current, self._inspect)
+        keep, finished = advance(self._runner, self._active, self._inspect)  # k iterations
+        self.policy.observe_iteration((time.perf_counter() - began) / k)
+        self._counts["iterations"] += k
         if keep is None:
             return
         self._runner.keep(keep)

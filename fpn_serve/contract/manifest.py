@@ -22,11 +22,15 @@ ROLES = ("Q", "T", "S")
 # Optional graphs a model folder may add; the engine uses them when present.
 #   step: inputs u, z -> outputs u_next, residual [batch], step_norm [batch]: T with the residual
 #         fused in, so that one run per iteration is all the loop needs.
+#   steps: inputs u, z, tol, max_iter, iterations [batch] -> outputs u_next, residual, step_norm,
+#         iterations_next: k applications of T with each row's stopping rule inside (a row stops
+#         moving once its residual is <= its tol or its count reaches its max_iter), so that the
+#         loop's host work and syncs come once per k iterations.
 #   fpn:  inputs x, tol, max_iter -> outputs logits, iterations, residual, step_norm: Q, the whole
 #         fixed-point iteration (an ONNX Loop with per-sample freezing) and S in one graph.
 #   fpn1: the same for exactly one input (batch axis fixed at 1): a Loop whose body is only T, the
 #         residual and the stopping test, for the lowest latency on single requests.
-OPTIONAL_ROLES = ("step", "fpn", "fpn1")
+OPTIONAL_ROLES = ("step", "steps", "fpn", "fpn1")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

@@ -179,6 +179,18 @@ class ActiveSet:
         self.n += rows
         return work
 
+    @property
+    def multistep(self) -> bool:
+        """Whether the rows in flight may run several iterations per call of the loop (a ``steps``
+        graph, which applies the tol and max_iter rule itself): not while some row's stop is decided
+        on the host every iteration (a certified stop, a trace or a deadline)."""
+        return not (self._watched or self._timed)
+
+    def limits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views [n] of each row's tol, max_iter and iterations so far, for a ``steps`` graph."""
+        n = self.n
+        return self._tol[:n], self._max_iter[:n], self._iters[:n]
+
     def abandon(self, work: Work) -> None:
         """Stop ``work``'s rows at the next iteration (its caller is gone). Safe from any thread:
         it only sets two flags, which the iterating thread reads once per iteration."""
@@ -191,8 +203,10 @@ class ActiveSet:
         steps: np.ndarray,
         current: Callable[[np.ndarray], np.ndarray],
         inspect: Inspect | None = None,
+        iterations: np.ndarray | None = None,
     ) -> tuple[np.ndarray | None, list[Work]]:
-        """Count one iteration of every row and stop the rows whose rule says so.
+        """Count one iteration of every row (or take each row's count from ``iterations``, after a
+        ``steps`` run of several, only while ``multistep``) and stop the rows whose rule says so.
 
         ``residuals`` and ``steps`` are float32 [n] in row order; ``current(mask)`` returns the
         iterates [m, *latent] of the rows where ``mask`` is True; ``inspect(mask, steps[mask])``
@@ -202,7 +216,10 @@ class ActiveSet:
         """
         n = self.n
         iters = self._iters[:n]
-        iters += 1
+        if iterations is None:
+            iters += 1
+        else:
+            iters[:] = iterations
         done = residuals <= self._tol[:n]
         done |= iters >= self._max_iter[:n]
         if self._watched:

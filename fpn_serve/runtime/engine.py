@@ -25,7 +25,7 @@ import onnxruntime as ort
 
 from ..contract.manifest import Manifest, load_manifest
 from ..errors import ModelError
-from .active import ActiveSet, SolveOutput, Trace
+from .active import ActiveSet, Inspect, SolveOutput, Trace, Work
 from .certificate import LabelCertifier
 from .providers import CUDA_PROVIDER, choose_providers, open_session
 from .request import DEFAULT_MAX_ITER_CAP, Prepared, RequestRules
@@ -60,6 +60,7 @@ class Engine:
         self.rules = RequestRules(manifest, max_iter_cap)
         self._q, self._t, self._s = sessions["Q"], sessions["T"], sessions["S"]
         self._step = sessions.get("step")
+        self._steps = sessions.get("steps")
         self._fpn = sessions.get("fpn")
         # FPN1.onnx serves single inputs on the CPU; ONNX Runtime's CUDA Loop keeps its condition on
         # the host, where a one-input loop gains nothing over the batched graph
@@ -253,7 +254,8 @@ class Engine:
     def new_runner(self, capacity: int) -> StepRunner:
         """A step runner over this model's T (fused with its residual where the folder has one)."""
         fused = self._step is not None
-        return StepRunner(self._step if fused else self._t, fused, self._latent, capacity, self.device)
+        multi = self._steps if fused else None
+        return StepRunner(self._step if fused else self._t, fused, self._latent, capacity, self.device, multi)
 
     def solve(
         self,
@@ -287,8 +289,7 @@ class Engine:
 
         try:
             while active.n:
-                r, st = runner.step()
-                keep, _ = active.advance(r, st, runner.current, inspect)
+                keep, _ = advance(runner, active, inspect)
                 if keep is not None and active.n:
                     runner.keep(keep)
         finally:
@@ -361,11 +362,27 @@ class _Bound:
             self.binding.bind_output(name, "cpu", 0, arr.dtype, arr.shape, arr.ctypes.data)
 
 
+def advance(runner: StepRunner, active: ActiveSet, inspect: Inspect | None) -> tuple[np.ndarray | None, list[Work]]:
+    """One call of the loop: k iterations through the steps graph where the runner has it and the
+    active set allows it (no stop decided on the host every iteration), else one; then the active
+    set's stops. Returns ``ActiveSet.advance``'s (mask of rows that go on, works that finished)."""
+    if runner.multi and active.multistep:
+        r, st, iterations = runner.steps(*active.limits())
+        return active.advance(r, st, runner.current, inspect, iterations)
+    r, st = runner.step()
+    return active.advance(r, st, runner.current, inspect)
+
+
 def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSession], model_dir: Path) -> None:
     """The graphs must have the I/O names of the contract, with shapes that match the manifest."""
     expected = {"Q": (["x"], ["z"]), "T": (["u", "z"], ["u_next"]), "S": (["u"], ["logits"])}
     if "step" in sessions:
         expected["step"] = (["u", "z"], ["u_next", "residual", "step_norm"])
+    if "steps" in sessions:
+        expected["steps"] = (
+            ["u", "z", "tol", "max_iter", "iterations"],
+            ["u_next", "residual", "step_norm", "iterations_next"],
+        )
     for role in ("fpn", "fpn1"):
         if role in sessions:
             expected[role] = (["x", "tol", "max_iter"], ["logits", "iterations", "residual", "step_norm"])
@@ -378,6 +395,7 @@ def _check_signatures(manifest: Manifest, sessions: dict[str, ort.InferenceSessi
         "residual": [],
         "step_norm": [],
         "iterations": [],
+        "iterations_next": [],
         "tol": [],
         "max_iter": [],
     }

@@ -180,7 +180,7 @@ def test_default_max_iter_respects_a_lower_cap(shipped_model: Path, digits: np.n
     assert result.iterations.max() == 5
 
 
-def _broken_t() -> tuple[np.ndarray, np.ndarray]:
+def _broken_t(*limits: np.ndarray) -> tuple[np.ndarray, ...]:
     raise RuntimeError("T failed")
 
 
@@ -201,7 +201,8 @@ def test_a_failing_stage_answers_its_callers_and_the_scheduler_goes_on(
                 with pytest.raises(RuntimeError, match="Q failed"):
                     f.result(10)
         with monkeypatch.context() as patch:
-            patch.setattr(scheduler._runner, "step", _broken_t)
+            patch.setattr(scheduler._runner, "step", _broken_t)  # one application per run
+            patch.setattr(scheduler._runner, "steps", _broken_t)  # several (steps.onnx)
             futures = [scheduler.submit(digits[i : i + 2]) for i in range(0, 6, 2)]
             for f in futures:
                 with pytest.raises(RuntimeError, match="T failed"):
@@ -335,6 +336,7 @@ def test_a_failure_while_a_lone_request_runs_keeps_the_room_count(
             assert started.wait(30)
             with monkeypatch.context() as patch_t:
                 patch_t.setattr(scheduler._runner, "step", _broken_t)
+                patch_t.setattr(scheduler._runner, "steps", _broken_t)
                 failed = scheduler.submit(digits[1:3], 1e-3)
                 with pytest.raises(RuntimeError, match="T failed"):
                     failed.result(30)
@@ -438,10 +440,11 @@ def test_background_work_waits_for_a_quiet_scheduler(slow_engine: Engine) -> Non
         assert scheduler.wait_quiet(quiet_s=0.01, timeout_s=1.0)  # idle from the start
         assert time.perf_counter() - began < 0.5
         x = np.ones((1, 1, 2, 2), np.float32)
-        busy = scheduler.submit(x, 1e-9, 10_000)  # never converges: runs 10,000 iterations
+        busy = scheduler.submit(x, 1e-9, 10_000)  # never converges: runs 10,000 iterations (0.1 s and more)
         began = time.perf_counter()
-        assert not scheduler.wait_quiet(quiet_s=0.01, timeout_s=0.2)  # its rows are still running
-        assert time.perf_counter() - began >= 0.2
+        assert not scheduler.wait_quiet(quiet_s=0.01, timeout_s=0.05)  # its rows are still running
+        assert time.perf_counter() - began >= 0.05
+        assert not busy.done()
         busy.result(timeout=60)
         scheduler.submit(x, 1e-9, 1).result(timeout=10)  # a short one: answered, but just now
         began = time.perf_counter()

@@ -69,9 +69,10 @@ def test_threads_reach_the_sessions_that_do_a_batchs_work() -> None:
             "fpn1": "FPN1.onnx",
             "T": "T.onnx",
             "step": "step.onnx",
+            "steps": "steps.onnx",
         }.items()
     }
-    assert threads == {"Q": 2, "fpn": 2, "fpn1": 1, "T": 1, "step": 1}
+    assert threads == {"Q": 2, "fpn": 2, "fpn1": 1, "T": 1, "step": 1, "steps": 1}
 
 
 def test_q_in_chunks_answers_as_q_in_one_call() -> None:
