@@ -24,7 +24,7 @@ from fpn_serve.contract import load_manifest, sha256_file
 
 from .export_graphs import finish_graph, graph_file
 from .export_manifest import write_manifest
-from .loop_graph import build_loop_model, build_single_loop_model, build_step_model, build_steps_model
+from .loop_graph import build_loop_model, build_single_loop_model, build_step_model, build_steps_model, steps_exact
 from .precision import convert
 
 DERIVABLE = ("int8", "int8-static")
@@ -57,7 +57,9 @@ def derive_folder(src: Path, folder: Path, name: str, precision: str, calibratio
     convert(folder, precision, calibration)
     opset = int(document.get("opset", 18))
     q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
-    composed = {"step": build_step_model(t), "steps": build_steps_model(t)}
+    composed = {"step": build_step_model(t)}
+    if steps_exact(t):
+        composed["steps"] = build_steps_model(t)
     if "fpn" in document["graphs"]:
         composed["fpn"] = build_loop_model(q, t, s)
     if "fpn1" in document["graphs"]:

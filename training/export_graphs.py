@@ -25,6 +25,7 @@ from .loop_graph import (
     build_step_model,
     build_steps_model,
     crop_unread_input,
+    steps_exact,
 )
 from .precision import convert as convert_precision
 
@@ -139,8 +140,8 @@ def write_graphs(
     loop: bool,
     calibration: np.ndarray | None = None,
 ) -> list[str]:
-    """Write Q, T, S (in ``precision``), step.onnx, steps.onnx and, with ``loop``, FPN.onnx and FPN1.onnx; return the
-    roles. ``calibration``: normalised training inputs, for ``int8-static``."""
+    """Write Q, T, S (in ``precision``), step.onnx, steps.onnx (float32 T) and, with ``loop``, FPN.onnx
+    and FPN1.onnx; return the roles. ``calibration``: normalised training inputs, for ``int8-static``."""
     latent = model.config.latent_dim
     x = torch.zeros(2, *input_shape)
     u = torch.zeros(2, latent)
@@ -151,8 +152,10 @@ def write_graphs(
     convert_precision(folder, precision, calibration)
     q, t, s = (onnx.load(str(folder / f"{r}.onnx")) for r in ("Q", "T", "S"))
     onnx.save(build_step_model(t), str(folder / "step.onnx"))
-    onnx.save(build_steps_model(t), str(folder / "steps.onnx"))
-    roles = ["Q", "T", "S", "step", "steps"]
+    roles = ["Q", "T", "S", "step"]
+    if steps_exact(t):
+        onnx.save(build_steps_model(t), str(folder / "steps.onnx"))
+        roles.append("steps")
     if loop:
         onnx.save(build_loop_model(q, t, s), str(folder / graph_file("fpn")))
         onnx.save(build_single_loop_model(q, t, s), str(folder / graph_file("fpn1")))

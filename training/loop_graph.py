@@ -114,6 +114,13 @@ def build_step_model(t: onnx.ModelProto) -> onnx.ModelProto:
 STEPS_K = 4  # applications of T per steps.onnx run: the shared batch's host work and syncs, divided by 4
 
 
+def steps_exact(t: onnx.ModelProto) -> bool:
+    """Whether k applications of T in one graph give what k runs of step.onnx give, to the bit: for
+    float32 T. In fp16 ONNX Runtime drops casts between the applications inside one graph, so the
+    iterates round differently, and an fp16 folder has no steps.onnx."""
+    return _hoistable(t)
+
+
 def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
     """steps.onnx: ``k`` masked applications of T, unrolled, with each row's stopping rule inside.
 
@@ -129,11 +136,12 @@ def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
     """
     if k < 1:
         raise ValueError("k must be >= 1")
+    if not steps_exact(t):
+        raise ValueError("steps.onnx needs a float32 T (see steps_exact)")
     builder = GraphBuilder(t)
     latent = latent_dims(t)
-    hoist = _hoistable(t)
     first = builder.copy(t, "t0/", {"u": "s0/u", "z": "z", "u_next": "s0/v"})
-    once, body = _split_invariant(first, {"s0/u"}) if hoist else ([], first)
+    once, body = _split_invariant(first, {"s0/u"})
     shared = {init.name: "t0/" + init.name for init in t.graph.initializer}
     shared |= {o.removeprefix("t0/"): o for node in once for o in node.output}
     nodes: list[onnx.NodeProto] = [
@@ -146,7 +154,7 @@ def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
         a, b = f"s{j}/", f"s{j + 1}/"
         if j:
             copied, _ = prefixed(t.graph, f"t{j}/", shared | {"u": a + "u", "z": "z", "u_next": a + "v"})
-            body = _split_invariant(copied, {a + "u"})[1] if hoist else copied
+            body = _split_invariant(copied, {a + "u"})[1]
         last = j == k - 1
         u_out, r_out, s_out, it_out = (
             ("u_next", "residual", "step_norm", "iterations_next") if last else (b + "u", b + "r", b + "s", b + "it")

@@ -104,6 +104,7 @@ def test_export_writes_a_valid_folder_that_matches_torch(exported: Path, trained
         "manifest.json",
         "metrics.jsonl",
         "step.onnx",
+        "steps.onnx",
     ]
     manifest = load_manifest(exported)
     assert manifest.name == "tiny" and manifest.input.shape == (1, 28, 28) and manifest.latent_shape == (46,)

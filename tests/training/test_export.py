@@ -128,7 +128,10 @@ def test_graphs_carry_their_provenance(folders: dict[str, Path]) -> None:
     for role, ref in manifest["graphs"].items():
         graph = onnx.load(str(folders["fp32"] / ref["file"]))
         meta = {p.key: p.value for p in graph.metadata_props}
-        assert meta == {"fpn.model": "fp32", "fpn.role": role, "fpn.format": "fpn-onnx/1", "fpn.opset": "18"}
+        expected = {"fpn.model": "fp32", "fpn.role": role, "fpn.format": "fpn-onnx/1", "fpn.opset": "18"}
+        if role == "steps":
+            expected["fpn.steps"] = "4"  # applications of T per run, which the runner reads
+        assert meta == expected
         assert any(o.domain in ("", "ai.onnx") and o.version == 18 for o in graph.opset_import)
 
 
