@@ -31,7 +31,7 @@ from ..contract.manifest import Manifest
 from ..errors import QueueFull
 from ..runtime.request import Prepared
 
-ENCODE_ROWS = 8  # rows per Q run: Q costs about the same per row from batch 4 up; short runs let urgent requests in
+ENCODE_ROWS = 16  # rows per Q run: Q costs about the same per row from batch 4 up; fewer hand-offs per answer
 SLACK = 30.0  # virtual deadline = arrival + SLACK * expected service
 ALONE_MAX_ITER = 100  # a request that finds the scheduler idle runs alone if it is short
 
@@ -65,7 +65,7 @@ class QueuePolicy(Generic[Item]):
         self.slack = slack
         self.occupied = 0  # rows encoding, ready, active or running alone: never more than capacity
         self.iteration_s = 50e-6  # running mean of one iteration's wall time
-        self.chooser = ModeChooser()  # one engine call per input, or the shared batch: per load level
+        self.chooser = ModeChooser()  # the shared batch, one engine call per input, or inline: per load level
         self._waiting: list[tuple[float, int, int, Item]] = []  # heap of (virtual deadline, seq, rows, item)
         self._seq = itertools.count()  # ties keep arrival order
 
@@ -134,10 +134,16 @@ class QueuePolicy(Generic[Item]):
         single inputs, while the chooser finds that faster at the present load."""
         return self.chooser.mode == SOLO and all(p.rows == 1 and p.plain for p in taken)
 
-    def answered(self, count: int, now: float) -> None:
-        """``count`` requests were answered (by either path), before their rooms are released: the
-        chooser's measure, at the load they met."""
-        self.chooser.answered(count, self.occupied + len(self._waiting), now)
+    def inline(self) -> bool:
+        """Whether an input that finds nothing queued, encoding or running runs in its caller's
+        thread even on an event loop that has not turned since its last one (``INLINE``)."""
+        return self.chooser.mode == INLINE
+
+    def answered(self, count: int, now: float, ready: int = 0) -> None:
+        """``count`` requests were answered (by any path), before their rooms are released: the
+        chooser's measure, at the load they met (rooms held and requests waiting, or ``ready``:
+        for a request run in its caller's thread, its event loop's requests since it last turned)."""
+        self.chooser.answered(count, max(self.occupied + len(self._waiting), ready), now)
 
 
 def expected_iterations(manifest: Manifest) -> Callable[[float], float]:
@@ -183,16 +189,26 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-SHARED, SOLO = "shared", "solo"
+SHARED, SOLO, INLINE = "shared", "solo", "inline"
+MODES = (SHARED, SOLO, INLINE)
 
 
 class ModeChooser:
-    """Chooses between the shared batch and answering queued inputs one engine call each, from the
-    answers per second each achieved, at each load level (requests held or waiting, in powers of
-    two). Time is cut into epochs of ``EPOCH_S``; after each, the mode for the next is the faster
-    of the two at the epoch's level, or the other one when its figure there is missing or older
-    than ``STALE_S`` (so a change of machine load or traffic is noticed). An epoch with a pause
-    longer than itself is not measured: an idle server says nothing about either mode."""
+    """Chooses how the scheduler answers plain single inputs, from the answers per second each way
+    achieved, at each load level (requests held or waiting, in powers of two):
+
+    - ``SHARED``: the shared batch (Q batched in the encoder, iterations in the stepper);
+    - ``SOLO``: the encoder answers queued inputs one engine call each (FPN1.onnx on the CPU);
+    - ``INLINE``: an input that finds the scheduler with nothing of its own to do runs in its
+      caller's thread, also on an event loop that has not turned since its last one: requests
+      one at a time, with no hand-off between threads.
+
+    Time is cut into epochs of ``EPOCH_S``; after each, the mode for the next is the fastest at
+    the epoch's level, or one whose figure there is missing or older than ``STALE_S`` (so a change
+    of machine load or traffic is noticed). Inline requests never queue: their load is the count of
+    requests an event loop ran inline since it last turned (the scheduler's), which is how many of
+    its callers were ready at once. An epoch with a pause longer than itself is not measured: an
+    idle server says nothing about any mode."""
 
     EPOCH_S = 0.25
     STALE_S = 10.0
@@ -220,10 +236,13 @@ class ModeChooser:
         if kept is not None and now - kept[1] <= self.STALE_S:
             rate = 0.5 * (rate + kept[0])
         self.rates[level, self.mode] = (rate, now)
-        other = SOLO if self.mode == SHARED else SHARED
-        theirs = self.rates.get((level, other))
-        if theirs is None or now - theirs[1] > self.STALE_S:
-            self.mode = other  # not measured here lately: try it
-        elif theirs[0] > rate:
-            self.mode = other
+        fresh = {}
+        for mode in MODES:
+            figure = self.rates.get((level, mode))
+            if figure is None or now - figure[1] > self.STALE_S:
+                self.mode = mode  # not measured here lately: try it
+                break
+            fresh[mode] = figure[0]
+        else:
+            self.mode = max(fresh, key=fresh.__getitem__)
         self._began, self._count, self._load = now, 0, 0.0

@@ -9,9 +9,10 @@ its last sample leaves, however long the others run. Q of newcomers never stalls
 the requests already running, and ONNX Runtime releases the GIL, so on two or more cores the two
 stages run at once.
 
-When the policy's chooser finds it faster at the present load (it measures both), the encoder
-instead answers queued single inputs one engine call each (on the CPU one FPN1.onnx run, the
-loop inside ONNX Runtime), and the stepper never sees them.
+When the policy's chooser finds it faster at the present load (it measures each way), the
+encoder instead answers queued single inputs one engine call each (on the CPU one FPN1.onnx run,
+the loop inside ONNX Runtime), and the stepper never sees them; or each single input that finds
+the scheduler with nothing of its own to do runs in its caller's thread, one at a time.
 
 The queue's order, the room count, the choice to run an input alone and the choice between the
 shared batch and solo calls are the policy's (``policy.py``); this module carries them out.
@@ -98,6 +99,7 @@ class _Workers:
         self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
         self._alone_rows = 0  # an input running alone in its caller's thread
         self._loop_owed = False  # a request ran alone on an event loop that has not turned since
+        self._since_turn = 0  # requests run alone on that loop since it last turned: how many were ready
         self._last_arrival = -math.inf  # perf_counter of the latest submit
         self._threads: list[threading.Thread] = []
         self._runner = engine.new_runner(max_active)
@@ -330,7 +332,8 @@ class Scheduler(_Workers):
         shared batch at the next iteration."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ClassifyResult] = loop.create_future()
-        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=not self._loop_owed)
+        alone = not self._loop_owed or self.policy.inline()
+        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=alone)
         if request is not None:
             future.add_done_callback(functools.partial(self._given_up, request))
         return future
@@ -396,20 +399,24 @@ class Scheduler(_Workers):
         run): the same answer to the bit as the shared batch gives, without two thread hand-offs
         and the per-iteration bookkeeping."""
         outcome = _outcome(self.engine, req.prepared)
+        on_loop = req.loop is not None
+        if on_loop:
+            self._since_turn += 1
         with self._lock:
-            self.policy.answered(1, time.perf_counter())
+            self.policy.answered(1, time.perf_counter(), self._since_turn)
             self.policy.release(1)
             self._alone_rows = 0
             self._alone_count += 1
             if self.policy.waiting:
                 self._to_encode.notify()
-        if req.loop is not None:
+        if on_loop and not self._loop_owed:
             self._loop_owed = True
-            req.loop.call_soon(self._loop_turned)
+            req.loop.call_soon(self._loop_turned)  # type: ignore[union-attr]
         resolve([(req.future, outcome)])  # type: ignore[list-item]  # skipped if its caller gave up
 
     def _loop_turned(self) -> None:
         self._loop_owed = False
+        self._since_turn = 0
 
 
 def _admissible(prepared: Prepared, scheduler: Scheduler) -> Prepared:

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fpn_serve.batching.policy import ALONE_MAX_ITER, SHARED, SOLO, ModeChooser, QueuePolicy
+from fpn_serve.batching.policy import ALONE_MAX_ITER, INLINE, SHARED, SOLO, ModeChooser, QueuePolicy
 from fpn_serve.errors import QueueFull
 from fpn_serve.runtime.active import ActiveSet
 from fpn_serve.runtime.request import Prepared
@@ -145,25 +145,27 @@ def _epochs(chooser: ModeChooser, now: float, rate: dict[str, float], load: int,
     return now
 
 
-def test_the_chooser_tries_both_modes_and_keeps_the_faster_at_each_load() -> None:
+def test_the_chooser_tries_every_mode_and_keeps_the_fastest_at_each_load() -> None:
     chooser = ModeChooser()
     assert chooser.mode == SHARED  # before any measurement
-    now = _epochs(chooser, 0.0, {SHARED: 1000.0, SOLO: 2000.0}, load=8, seconds=2.0)
-    assert chooser.mode == SOLO and chooser.rates[3, SOLO][0] > chooser.rates[3, SHARED][0]
+    at_8 = {SHARED: 1000.0, SOLO: 2000.0, INLINE: 1500.0}
+    now = _epochs(chooser, 0.0, at_8, load=8, seconds=2.0)
+    assert chooser.mode == SOLO and {m for (level, m) in chooser.rates if level == 3} == {SHARED, SOLO, INLINE}
     modes = set()
-    for _ in range(20):  # it stays with the faster one while both figures are fresh
-        now = _epochs(chooser, now, {SHARED: 1000.0, SOLO: 2000.0}, load=8, seconds=0.25)
+    for _ in range(20):  # it stays with the fastest while the figures are fresh
+        now = _epochs(chooser, now, at_8, load=8, seconds=0.25)
         modes.add(chooser.mode)
     assert modes == {SOLO}
     # another load level has figures of its own: there the shared batch is faster
-    now = _epochs(chooser, now, {SHARED: 4000.0, SOLO: 2000.0}, load=64, seconds=2.0)
+    at_64 = {SHARED: 4000.0, SOLO: 2000.0, INLINE: 1500.0}
+    now = _epochs(chooser, now, at_64, load=64, seconds=2.0)
     assert chooser.mode == SHARED and (6, SHARED) in chooser.rates and chooser.rates[3, SOLO][0] > 1500
     # a figure older than STALE_S is measured again: the machine may have changed
     seen = set()
     for _ in range(round(ModeChooser.STALE_S / 0.25) + 8):
-        now = _epochs(chooser, now, {SHARED: 4000.0, SOLO: 2000.0}, load=64, seconds=0.25)
+        now = _epochs(chooser, now, at_64, load=64, seconds=0.25)
         seen.add(chooser.mode)
-    assert seen == {SHARED, SOLO} and chooser.mode == SHARED
+    assert seen == {SHARED, SOLO, INLINE} and chooser.mode == SHARED
 
 
 def test_an_idle_pause_is_not_measured() -> None:
