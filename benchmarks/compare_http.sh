@@ -4,8 +4,8 @@
 #   git worktree add ../old <commit>                 # the code to compare against
 #   bash benchmarks/compare_http.sh ../old [pairs] [query] [seconds] [log-level]
 #
-# Starts the shipped model twice on loopback, once from the other tree (PYTHONPATH) and once from
-# this one, each without its gRPC endpoint, waits for both to settle, then runs `wrk` (32
+# Starts the shipped model twice on loopback, once from the other tree (its code and its own
+# models/mnist, which an older version may need) and once from this one, each without its gRPC endpoint, waits for both to settle, then runs `wrk` (32
 # keep-alive connections posting examples/seven.png) against each in turn, the order alternating
 # pair by pair (old-new, new-old, ...), so that a drift of the machine's speed hits both alike.
 # Both run at the same --log-level (default info, as fpn-serve runs: one access line per request;
@@ -32,7 +32,7 @@ free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 old_port=$(free_port)
 new_port=$(free_port)
 (cd "$old_tree" && FPN_SERVE_GRPC_PORT=0 PYTHONPATH="$old_tree" exec python -m fpn_serve.cli \
-  "$here/models/mnist" --port "$old_port" --log-level "$log_level") >"$work/old.log" 2>&1 &
+  "$old_tree/models/mnist" --port "$old_port" --log-level "$log_level") >"$work/old.log" 2>&1 &
 (cd "$here" && FPN_SERVE_GRPC_PORT=0 exec python -m fpn_serve.cli \
   "$here/models/mnist" --port "$new_port" --log-level "$log_level") >"$work/new.log" 2>&1 &
 for port in "$old_port" "$new_port"; do

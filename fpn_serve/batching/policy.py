@@ -34,6 +34,7 @@ from ..runtime.request import Prepared
 ENCODE_ROWS = 16  # rows per Q run: Q costs about the same per row from batch 4 up; fewer hand-offs per answer
 SLACK = 30.0  # virtual deadline = arrival + SLACK * expected service
 ALONE_MAX_ITER = 100  # a request that finds the scheduler idle runs alone if it is short
+FAST_LANE_ITERATIONS = 4.0  # loose tolerances (mean iterations at most this) take the fast lane
 
 Item = TypeVar("Item")
 
@@ -91,6 +92,22 @@ class QueuePolicy(Generic[Item]):
         if alone:
             self.occupied = 1
         return alone
+
+    def fast_lane(self, request: Prepared) -> bool:
+        """A plain single input whose tolerance needs at most ``FAST_LANE_ITERATIONS`` on average
+        runs as one engine call in its caller's thread even while the scheduler is busy, if a room
+        is free: its caller chose speed over accuracy, and it waits behind no batch. Takes its room
+        if so."""
+        fast = (
+            self.occupied < self.capacity
+            and request.rows == 1
+            and request.max_iter <= ALONE_MAX_ITER
+            and request.plain
+            and self.iterations_for(request.tol) <= FAST_LANE_ITERATIONS
+        )
+        if fast:
+            self.occupied += 1
+        return fast
 
     def push(self, item: Item, request: Prepared, now: float) -> None:
         """Queue ``item``; QueueFull when ``max_queue`` requests already wait."""

@@ -97,7 +97,7 @@ class _Workers:
         self._to_step = threading.Condition(self._lock)
         self._running = False
         self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
-        self._alone_rows = 0  # an input running alone in its caller's thread
+        self._alone_rows = 0  # inputs running alone in their callers' threads
         self._loop_owed = False  # a request ran alone on an event loop that has not turned since
         self._since_turn = 0  # requests run alone on that loop since it last turned: how many were ready
         self._last_arrival = -math.inf  # perf_counter of the latest submit
@@ -316,7 +316,7 @@ class Scheduler(_Workers):
         Raises InputError for bad input (nothing is queued) and QueueFull when the queue is full.
         """
         future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=False)
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=False, lane=False)
         return future
 
     def submit_async(
@@ -333,7 +333,7 @@ class Scheduler(_Workers):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ClassifyResult] = loop.create_future()
         alone = not self._loop_owed or self.policy.inline()
-        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=alone)
+        request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=alone, lane=True)
         if request is not None:
             future.add_done_callback(functools.partial(self._given_up, request))
         return future
@@ -347,7 +347,7 @@ class Scheduler(_Workers):
     ) -> ClassifyResult:
         """``submit`` and wait. An input that finds the scheduler idle runs alone, in this thread."""
         future: Future[ClassifyResult] = Future()
-        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=True)
+        self._enqueue(self._prepare(x, tol, max_iter, options), future, None, alone=True, lane=True)
         return future.result()
 
     # -- the caller's side -------------------------------------------------------------------
@@ -361,8 +361,10 @@ class Scheduler(_Workers):
         loop: asyncio.AbstractEventLoop | None,
         *,
         alone: bool,
+        lane: bool,
     ) -> _Request | None:
-        """Queue the request, or run it alone in this thread; returns it if it was queued."""
+        """Queue the request, or run it alone in this thread (``alone``: if the scheduler is idle;
+        ``lane``: if it is a fast-lane input); returns it if it was queued."""
         request = _Request(prepared, future, loop)
         self._last_arrival = now = time.perf_counter()
         with self._lock:
@@ -372,12 +374,16 @@ class Scheduler(_Workers):
             # event loop that blocks the loop; the next request of that loop runs alone only after the
             # loop has turned once (read its sockets, resumed its other callers), so a burst of
             # callers still meets in the shared batch.
-            alone = alone and self._can_run_alone and self.policy.may_run_alone(prepared)
+            # A loose-tolerance input (the fast lane) runs in its caller's thread even when the
+            # scheduler is busy: it asked for speed over accuracy, and waits behind no batch.
+            alone = self._can_run_alone and (
+                (alone and self.policy.may_run_alone(prepared)) or (lane and self.policy.fast_lane(prepared))
+            )
             if alone and not still_wanted(request):  # cancelled before it began: nothing to run
                 self.policy.release(1)
                 return None
             if alone:
-                self._alone_rows = 1
+                self._alone_rows += 1
             else:
                 self.policy.push(request, prepared, now)
                 self._to_encode.notify()
@@ -405,7 +411,7 @@ class Scheduler(_Workers):
         with self._lock:
             self.policy.answered(1, time.perf_counter(), self._since_turn)
             self.policy.release(1)
-            self._alone_rows = 0
+            self._alone_rows -= 1
             self._alone_count += 1
             if self.policy.waiting:
                 self._to_encode.notify()

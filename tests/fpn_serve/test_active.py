@@ -136,6 +136,23 @@ def test_only_a_short_lone_input_in_an_idle_scheduler_runs_alone() -> None:
     assert not policy.may_run_alone(_prepared(1, 1e-3))  # someone is waiting
 
 
+def test_loose_single_inputs_take_the_fast_lane_while_the_scheduler_is_busy() -> None:
+    policy = _policy()  # 1e-1 needs 1 iteration, 1e-4 needs 4, 1e-5 needs 5
+    policy.push("queued", _prepared(2, 1e-6), now=0.0)
+    policy.occupied = 6
+    assert not policy.may_run_alone(_prepared(1, 1e-1))  # not idle: no lone run
+    assert policy.fast_lane(_prepared(1, 1e-1)) and policy.occupied == 7  # but the fast lane, with a room
+    assert policy.fast_lane(_prepared(1, 1e-4)) and policy.occupied == 8  # FAST_LANE_ITERATIONS: 4
+    policy.occupied = 6
+    assert not policy.fast_lane(_prepared(1, 1e-5))  # five iterations: the batch
+    assert not policy.fast_lane(_prepared(2, 1e-1))  # several inputs: the batch
+    assert not policy.fast_lane(_prepared(1, 1e-1, deadline=10.0))  # not plain: the batch
+    assert not policy.fast_lane(_prepared(1, 1e-1, max_iter=ALONE_MAX_ITER + 1))
+    policy.occupied = 8
+    assert not policy.fast_lane(_prepared(1, 1e-1))  # no room free
+    assert policy.occupied == 8
+
+
 def _epochs(chooser: ModeChooser, now: float, rate: dict[str, float], load: int, seconds: float) -> float:
     """Answers at ``rate[mode]`` per second for ``seconds``, at ``load``; returns the time after."""
     step = 0.01

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -234,6 +235,44 @@ def test_an_idle_scheduler_answers_a_lone_input_in_the_callers_thread(engine: En
         for i, result in ((6, first), (7, second)):
             np.testing.assert_array_equal(result.logits, engine.classify(digits[i : i + 1], 1e-3).logits)  # type: ignore[attr-defined]
     finally:
+        scheduler.stop()
+
+
+def test_a_loose_input_takes_the_fast_lane_past_a_busy_shared_batch(
+    engine: Engine, digits: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the shared batch is held, a tol=1e-1 input is answered in its caller's thread (as it
+    would be alone, to the bit) and a tol=1e-4 one waits for the batch."""
+    scheduler = Scheduler(engine, max_active=8)
+    release, stepping = threading.Event(), threading.Event()
+    real_steps, real_step = scheduler._runner.steps, scheduler._runner.step
+
+    def held(real: Any) -> Any:
+        def run(*args: Any) -> Any:
+            stepping.set()
+            release.wait(30)
+            return real(*args)
+
+        return run
+
+    monkeypatch.setattr(scheduler._runner, "steps", held(real_steps))
+    monkeypatch.setattr(scheduler._runner, "step", held(real_step))
+    scheduler.start()
+    try:
+        busy = scheduler.submit(digits[:2], 1e-4)  # two inputs: the shared batch, held at its first run
+        assert stepping.wait(30)
+        tight = scheduler.submit(digits[3:4], 1e-4)  # submit never runs in its caller's thread
+        loose = scheduler.classify(digits[2:3], 1e-1)  # answered now, while the batch is held
+        assert scheduler.stats["alone"] == 1 and not busy.done() and not tight.done()
+        alone = engine.classify(digits[2:3], 1e-1)
+        for name in ("labels", "logits", "iterations", "residuals"):
+            np.testing.assert_array_equal(getattr(loose, name), getattr(alone, name), err_msg=name)
+        release.set()
+        np.testing.assert_array_equal(tight.result(30).logits, engine.classify(digits[3:4], 1e-4).logits)
+        np.testing.assert_array_equal(busy.result(30).iterations, engine.classify(digits[:2], 1e-4).iterations)
+        assert scheduler.policy.occupied == 0
+    finally:
+        release.set()
         scheduler.stop()
 
 
