@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from fpn_serve import Engine  # noqa: E402
 from fpn_serve.batching.scheduler import Scheduler  # noqa: E402
+from fpn_serve.runtime.providers import Q_CHUNK, open_session  # noqa: E402
 
 TOLS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 
@@ -345,6 +346,13 @@ def bench_q_precision(fp32_dir: Path, int8_dir: Path, x_all: np.ndarray, quick: 
     whole = {k: (lambda s=s: s.run(["z"], {"x": x256})) for k, s in q.items()}
     b1 = _interleaved(one, 300 if quick else 3000, 50)
     b256 = _interleaved(whole, 10 if quick else 60, 3)
+    # as the engine runs Q: providers.open_session, on one thread, in chunks of Q_CHUNK on the CPU
+    served = {
+        k: open_session(d / "Q.onnx", "Q", 1, ["CPUExecutionProvider"], k)
+        for k, d in (("fp32", fp32_dir), ("int8-static", int8_dir))
+    }
+    served_fns = {k: (lambda s=s: s.run(["z"], {"x": x256})) for k, s in served.items()}
+    served256 = _interleaved(served_fns, 10 if quick else 60, 3)
     chunks = {}
     for c in (1, 8, 16, 32, 64, 256):
         fns = {
@@ -362,7 +370,13 @@ def bench_q_precision(fp32_dir: Path, int8_dir: Path, x_all: np.ndarray, quick: 
     return {
         "cpu": cpu_description(),
         "q_us": {"batch1": {k: 1e6 * v for k, v in b1.items()}, "batch256": {k: 1e6 * v for k, v in b256.items()}},
-        "q_speedup": {"batch1": b1["fp32"] / b1["int8-static"], "batch256": b256["fp32"] / b256["int8-static"]},
+        "q_speedup": {
+            "batch1": b1["fp32"] / b1["int8-static"],
+            "batch256": b256["fp32"] / b256["int8-static"],
+            "batch256_served": served256["fp32"] / served256["int8-static"],
+        },
+        "q_served_batch256_us": {k: 1e6 * v for k, v in served256.items()},
+        "q_chunk": Q_CHUNK,
         "q_us_per_input_by_chunk": chunks,
         "loops_ms": {k: 1e3 * v for k, v in loops.items()},
     }
@@ -379,6 +393,9 @@ def print_q_precision(r: dict[str, Any]) -> None:
     for b in ("batch1", "batch256"):
         us = r["q_us"][b]
         print(f"{b.removeprefix('batch'):>6} {us['fp32']:>10.1f} {us['int8-static']:>12.1f} {r['q_speedup'][b]:>7.2f}x")
+    us = r["q_served_batch256_us"]
+    print(f"{'256*':>6} {us['fp32']:>10.1f} {us['int8-static']:>12.1f} {r['q_speedup']['batch256_served']:>7.2f}x")
+    print(f"  * as the engine runs Q (providers.open_session): in chunks of {r['q_chunk']} inputs")
     print("\nQ per input over 256 inputs by chunk size, one thread (median us)")
     for c, us in r["q_us_per_input_by_chunk"].items():
         print(f"{c:>6} {us['fp32']:>10.1f} {us['int8-static']:>12.1f}")
