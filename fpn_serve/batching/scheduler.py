@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import InputError, QueueFull
 from ..runtime.active import ActiveSet, Work
-from ..runtime.engine import Engine, advance
+from ..runtime.engine import Engine, advance, multistep
 from ..runtime.request import Prepared
 from ..runtime.result import ClassifyResult
 from .delivery import AnyFuture, Outcome, answer, resolve, settle, still_wanted
@@ -217,7 +217,7 @@ class _Workers:
     def _iterate(self) -> None:
         n = self._runner.n
         self._counts["max_active_seen"] = max(self._counts["max_active_seen"], n)
-        k = self._runner.k if self._runner.multi and self._active.multistep else 1
+        k = self._runner.k if multistep(self._runner, self._active) else 1
         began = time.perf_counter()
         keep, finished = advance(self._runner, self._active, self._inspect)  # k iterations
         self.policy.observe_iteration((time.perf_counter() - began) / k)

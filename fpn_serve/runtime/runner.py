@@ -101,6 +101,11 @@ class StepRunner:
         self._multi_bindings = []
 
     @property
+    def on_device(self) -> bool:
+        """Whether the buffers live on a GPU, where each call ends in a sync with the host."""
+        return self._cuda
+
+    @property
     def multi(self) -> bool:
         """Whether ``steps`` can run several iterations per call (the folder has the steps graph)."""
         return self._multi is not None
