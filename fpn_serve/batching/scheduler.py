@@ -2,8 +2,10 @@
 
 Two worker threads form a pipeline. The *encoder* takes waiting requests a few rows at a time and
 computes their Q in one batched run; the *stepper* moves encoded requests into the active batch at
-the next iteration boundary, applies T once to every active sample, and lets each sample leave the
-moment it meets its own request's tol, reaches its own max_iter or its request's deadline. A
+the next iteration boundary, applies T to every active sample (four times per run of the
+model's steps.onnx, each sample frozen inside the graph at its own stop, where the active set
+allows it; else once), and lets each sample leave the moment it meets its own request's tol,
+reaches its own max_iter or its request's deadline. A
 request is answered (S, batched over the requests that finish in the same iteration) as soon as
 its last sample leaves, however long the others run. Q of newcomers never stalls the iterations of
 the requests already running, and ONNX Runtime releases the GIL, so on two or more cores the two
