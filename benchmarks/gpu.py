@@ -6,8 +6,9 @@
    1e-1 .. 1e-6) against the CUDA engine's three-graph loop on each input alone.
 2. Latency at batch 1 (median) and throughput at batch 1 .. 4096 for: a plain ``session.run``
    loop over T.onnx (numpy in and out, what a user writes), the engine's IOBinding loop
-   (device-resident ping-pong buffers, fused step graph), the single-graph Loop, and the step
-   graph replayed as a CUDA graph (fixed batch, every buffer bound on the device).
+   (device-resident ping-pong buffers; four iterations per run of steps.onnx, one sync each), the
+   single-graph Loop, and step.onnx and steps.onnx replayed as CUDA graphs (fixed batch, every
+   buffer bound on the device).
 
 Prints a table and writes benchmarks/results/gpu.json (or $OUT/gpu.json when OUT is set).
 """
@@ -64,20 +65,30 @@ def plain_loop(sess_t: ort.InferenceSession, z: np.ndarray, iters: int) -> np.nd
     return u
 
 
-def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int) -> tuple[float, np.ndarray]:
-    """Replay the step graph as a CUDA graph for ``iters`` iterations; seconds per iteration."""
+def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int, graph: str = "step.onnx") -> tuple[float, np.ndarray]:
+    """Replay ``graph`` (step.onnx, or steps.onnx: four iterations per run with each row's stop
+    inside) as a CUDA graph for about ``iters`` iterations, the residuals copied to the host after
+    each replay (what the stopping rule needs); seconds per iteration."""
     so = ort.SessionOptions()
     so.log_severity_level = 3
     sess = ort.InferenceSession(
-        str(model_dir / "step.onnx"),
+        str(model_dir / graph),
         so,
         providers=[("CUDAExecutionProvider", {"enable_cuda_graph": "1", "use_tf32": "0"}), "CPUExecutionProvider"],
     )
+    per_run = int(sess.get_modelmeta().custom_metadata_map.get("fpn.steps", "1"))
     n = z.shape[0]
     u = [ort.OrtValue.ortvalue_from_numpy(np.zeros_like(z), "cuda", 0) for _ in range(2)]
     zz = ort.OrtValue.ortvalue_from_numpy(z, "cuda", 0)
     res = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
     step = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+    limits = {  # steps.onnx: tol 0 (never met), a cap it never reaches, counts from zero
+        "tol": np.zeros(n, np.float32),
+        "max_iter": np.full(n, 1 << 30, np.int32),
+        "iterations": np.zeros(n, np.int32),
+    }
+    on_device = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in limits.items()}
+    counted = ort.OrtValue.ortvalue_from_shape_and_type([n], np.int32, "cuda", 0)
     bindings = []
     for src in (0, 1):
         b = sess.io_binding()
@@ -86,15 +97,20 @@ def cuda_graph_step(model_dir: Path, z: np.ndarray, iters: int) -> tuple[float, 
         b.bind_ortvalue_output("u_next", u[1 - src])
         b.bind_ortvalue_output("residual", res)
         b.bind_ortvalue_output("step_norm", step)
+        if per_run > 1:
+            for name, value in on_device.items():
+                b.bind_ortvalue_input(name, value)
+            b.bind_ortvalue_output("iterations_next", counted)
         bindings.append(b)
     # CUDA graphs replay one captured sequence: run with a fixed binding, copying back each time
     for _ in range(3):
         sess.run_with_iobinding(bindings[0])
+    runs = max(1, iters // per_run)
     started = time.perf_counter()
-    for _ in range(iters):
+    for _ in range(runs):
         sess.run_with_iobinding(bindings[0])
-        res.numpy()  # the stopping rule needs the residuals on the host every iteration
-    per_iter = (time.perf_counter() - started) / iters
+        res.numpy()  # the stopping rule needs the residuals on the host after every run
+    per_iter = (time.perf_counter() - started) / (runs * per_run)
     return per_iter, u[1].numpy()
 
 
@@ -180,11 +196,12 @@ def main() -> None:
         row["single_graph_loop_ms"] = 1e3 * med(lambda xb=xb: gpu.classify(xb, tol=0.0, max_iter=10), reps)
         row["engine_classify_tol1e-4_ms"] = 1e3 * med(lambda xb=xb: gpu.classify(xb, tol=1e-4), reps)
         row["cpu_classify_tol1e-4_ms"] = 1e3 * med(lambda xb=xb: cpu.classify(xb, tol=1e-4), max(reps // 10, 3))
-        try:
-            per_iter, _ = cuda_graph_step(model_dir, z, 200)
-            row["cuda_graph_step_us_per_iter"] = 1e6 * per_iter
-        except Exception as exc:
-            row["cuda_graph_step_us_per_iter"] = f"failed: {exc}"[:200]
+        for graph, key in (("step.onnx", "cuda_graph_step"), ("steps.onnx", "cuda_graph_steps")):
+            try:
+                per_iter, _ = cuda_graph_step(model_dir, z, 200, graph)
+                row[f"{key}_us_per_iter"] = 1e6 * per_iter
+            except Exception as exc:
+                row[f"{key}_us_per_iter"] = f"failed: {exc}"[:200]
         row["throughput_classify_per_s"] = batch / (row["engine_classify_tol1e-4_ms"] / 1e3)
         rows.append(row)
         print(json.dumps(row), flush=True)
