@@ -58,7 +58,7 @@ def settle(outcomes: list[tuple[Any, Outcome]]) -> None:
             loop.call_soon_threadsafe(resolve, items)
 
 
-def resolve(items: list[tuple[asyncio.Future[ClassifyResult], Outcome]]) -> None:
+def resolve(items: list[tuple[AnyFuture, Outcome]]) -> None:
     """On the caller's loop (or for a future of the calling thread): resolve the futures nobody has
     given up on."""
     for future, outcome in items:

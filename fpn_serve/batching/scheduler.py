@@ -407,8 +407,7 @@ class Scheduler(_Workers):
         run): the same answer to the bit as the shared batch gives, without two thread hand-offs
         and the per-iteration bookkeeping."""
         outcome = _outcome(self.engine, req.prepared)
-        on_loop = req.loop is not None
-        if on_loop:
+        if req.loop is not None:
             self._since_turn += 1
         with self._lock:
             self.policy.answered(1, time.perf_counter(), self._since_turn)
@@ -417,10 +416,20 @@ class Scheduler(_Workers):
             self._alone_count += 1
             if self.policy.waiting:
                 self._to_encode.notify()
-        if on_loop and not self._loop_owed:
+        answer: list[tuple[AnyFuture, Outcome]] = [(req.future, outcome)]
+        if req.loop is None:
+            resolve(answer)
+            return
+        if not self._loop_owed:
             self._loop_owed = True
-            req.loop.call_soon(self._loop_turned)  # type: ignore[union-attr]
-        resolve([(req.future, outcome)])  # type: ignore[list-item]  # skipped if its caller gave up
+            req.loop.call_soon(self._loop_turned)
+        if self._since_turn <= 1:  # the first since the loop turned: its caller goes on at once
+            resolve(answer)
+            return
+        # Later ones reach their callers after the loop has turned: callers that all got their answers
+        # at once would go on without yielding, and a server whose requests all ran this way would stop
+        # reading its sockets in time (over HTTP at 32 connections p99 went from 30 to 150 ms and more).
+        req.loop.call_soon(resolve, answer)  # skipped if its caller gave up meanwhile
 
     def _loop_turned(self) -> None:
         self._loop_owed = False

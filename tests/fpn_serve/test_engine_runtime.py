@@ -276,6 +276,32 @@ def test_a_loose_input_takes_the_fast_lane_past_a_busy_shared_batch(
         scheduler.stop()
 
 
+def test_on_an_event_loop_only_the_first_lone_answer_of_a_turn_comes_at_once(
+    engine: Engine, digits: np.ndarray
+) -> None:
+    """Two loose inputs in one turn of a loop both run in the caller's thread (the first finds the
+    scheduler idle, the second takes the fast lane); the first is answered at once, the second only
+    after the loop has turned, so that callers answered this way still yield to the loop (a server
+    must go on reading its sockets)."""
+    scheduler = Scheduler(engine, max_active=8)
+    scheduler.start()
+    try:
+
+        async def burst() -> tuple[tuple[bool, bool], list[Any]]:
+            first = scheduler.submit_async(digits[0:1], 1e-1)
+            second = scheduler.submit_async(digits[1:2], 1e-1)
+            states = (first.done(), second.done())
+            return states, list(await asyncio.gather(first, second))
+
+        states, results = asyncio.run(burst())
+        assert states == (True, False)
+        assert scheduler.stats["alone"] == 2 and scheduler.stats["iterations"] == 0  # both ran alone
+        for i, got in enumerate(results):
+            np.testing.assert_array_equal(got.logits, engine.classify(digits[i : i + 1], 1e-1).logits)
+    finally:
+        scheduler.stop()
+
+
 def test_expected_iterations_follow_the_calibration(engine: Engine, tmp_path: Path) -> None:
     expect = expected_iterations(engine.manifest)
     table = {row["tol"]: row["mean_iterations"] for row in engine.manifest.calibration["tolerances"]}
