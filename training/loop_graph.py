@@ -121,6 +121,42 @@ def steps_exact(t: onnx.ModelProto) -> bool:
     return _hoistable(t)
 
 
+def _masked_application(j: int, *, last: bool) -> list[onnx.NodeProto]:
+    """steps.onnx's nodes after the j-th copy of T (``s{j}/u`` -> ``s{j}/v``): the residual, the
+    move of active rows only, their counts, and which rows stay active (the last one writes the
+    graph's outputs)."""
+    a, b = f"s{j}/", f"s{j + 1}/"
+    u_out, r_out, s_out, it_out = (
+        ("u_next", "residual", "step_norm", "iterations_next") if last else (b + "u", b + "r", b + "s", b + "it")
+    )
+    nodes = [
+        *residual_nodes(a + "v", a + "u", a, a + "res", a + "step"),
+        helper.make_node("Unsqueeze", [a + "act", AXES], [a + "act_u"], name=a + "act_u"),
+        helper.make_node("Where", [a + "act_u", a + "v", a + "u"], [u_out], name=a + "u_out"),
+        helper.make_node("Cast", [a + "act"], [a + "act_i"], to=I32, name=a + "act_i"),
+        helper.make_node("Add", [a + "it", a + "act_i"], [it_out], name=a + "it_out"),
+    ]
+    if j:  # rows inactive from the start (padding) keep their first-step figures, which nobody reads
+        nodes += [
+            helper.make_node("Where", [a + "act", a + "res", a + "r"], [r_out], name=a + "r_out"),
+            helper.make_node("Where", [a + "act", a + "step", a + "s"], [s_out], name=a + "s_out"),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Identity", [a + "res"], [r_out], name=a + "r_out"),
+            helper.make_node("Identity", [a + "step"], [s_out], name=a + "s_out"),
+        ]
+    if not last:  # still active: moved now, not within tol (NaN is not), below its cap
+        nodes += [
+            helper.make_node("LessOrEqual", [a + "res", "tol"], [a + "met"], name=a + "met"),
+            helper.make_node("Not", [a + "met"], [a + "unmet"], name=a + "unmet"),
+            helper.make_node("Less", [it_out, "max_iter"], [a + "below"], name=a + "below"),
+            helper.make_node("And", [a + "act", a + "unmet"], [a + "go"], name=a + "go"),
+            helper.make_node("And", [a + "go", a + "below"], [b + "act"], name=b + "act"),
+        ]
+    return nodes
+
+
 def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
     """steps.onnx: ``k`` masked applications of T, unrolled, with each row's stopping rule inside.
 
@@ -151,40 +187,11 @@ def build_steps_model(t: onnx.ModelProto, k: int = STEPS_K) -> onnx.ModelProto:
         helper.make_node("Less", ["iterations", "max_iter"], ["s0/act"], name="s0/act"),
     ]
     for j in range(k):
-        a, b = f"s{j}/", f"s{j + 1}/"
+        a = f"s{j}/"
         if j:
             copied, _ = prefixed(t.graph, f"t{j}/", shared | {"u": a + "u", "z": "z", "u_next": a + "v"})
             body = _split_invariant(copied, {a + "u"})[1]
-        last = j == k - 1
-        u_out, r_out, s_out, it_out = (
-            ("u_next", "residual", "step_norm", "iterations_next") if last else (b + "u", b + "r", b + "s", b + "it")
-        )
-        nodes += [
-            *body,
-            *residual_nodes(a + "v", a + "u", a, a + "res", a + "step"),
-            helper.make_node("Unsqueeze", [a + "act", AXES], [a + "act_u"], name=a + "act_u"),
-            helper.make_node("Where", [a + "act_u", a + "v", a + "u"], [u_out], name=a + "u_out"),
-            helper.make_node("Cast", [a + "act"], [a + "act_i"], to=I32, name=a + "act_i"),
-            helper.make_node("Add", [a + "it", a + "act_i"], [it_out], name=a + "it_out"),
-        ]
-        if j:  # rows inactive from the start (padding) keep their first-step figures, which nobody reads
-            nodes += [
-                helper.make_node("Where", [a + "act", a + "res", a + "r"], [r_out], name=a + "r_out"),
-                helper.make_node("Where", [a + "act", a + "step", a + "s"], [s_out], name=a + "s_out"),
-            ]
-        else:
-            nodes += [
-                helper.make_node("Identity", [a + "res"], [r_out], name=a + "r_out"),
-                helper.make_node("Identity", [a + "step"], [s_out], name=a + "s_out"),
-            ]
-        if not last:  # still active: moved now, not within tol (NaN is not), below its cap
-            nodes += [
-                helper.make_node("LessOrEqual", [a + "res", "tol"], [a + "met"], name=a + "met"),
-                helper.make_node("Not", [a + "met"], [a + "unmet"], name=a + "unmet"),
-                helper.make_node("Less", [it_out, "max_iter"], [a + "below"], name=a + "below"),
-                helper.make_node("And", [a + "act", a + "unmet"], [a + "go"], name=a + "go"),
-                helper.make_node("And", [a + "go", a + "below"], [b + "act"], name=b + "act"),
-            ]
+        nodes += [*body, *_masked_application(j, last=j == k - 1)]
     builder.shared(AXES, EPS, latent_rank=len(latent))
     batch = ["batch"]
     model = builder.build(
