@@ -114,6 +114,8 @@ class Engine:
         try:
             self.classify(x, max_iter=2)
             self.decode(self.solve(self.encode(x), 0.0, 2), 0.0)
+            if self._steps is not None:  # the steps graph runs batches of two rows and more
+                self.solve(self.encode(np.concatenate([x, x])), 0.0, 2)
         except Exception as exc:
             raise ModelError(f"{self.model_dir}: the graphs fail on a zero input: {exc}") from exc
 
