@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -34,12 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # http_load beside this file
 
-from http_load import binary_request, free_port, scenario, wrk_scenario
+from http_load import binary_request, free_port, scenario, serving, wrk_scenario
 
 from fpn_serve.grpc import grpc_service_pb2 as pb
 from fpn_serve.grpc import grpc_service_pb2_grpc as pb_grpc
@@ -108,21 +106,9 @@ def example_digit(model: Path, batch: int) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     x = example_digit(args.model, args.batch)
-    port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "fpn_serve.cli", str(args.model), "--port", str(port)]
-    proc = subprocess.Popen(
-        [*command, "--grpc-port", str(grpc_port), "--log-level", "warning"],
-        env={**os.environ, "FPN_SERVE_DRAIN_S": "0"},
-    )
-    base = f"http://127.0.0.1:{port}"
+    grpc_port = free_port()
     results: dict[str, dict[str, Any]] = {}
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+    with serving(args.model, "--grpc-port", str(grpc_port)) as base:
         tag = f"tol={args.tol:g} batch={args.batch}"
         results[f"grpc ModelInfer {tag}"] = asyncio.run(
             grpc_scenario(f"127.0.0.1:{grpc_port}", args.clients, args.seconds, x, args.tol)
@@ -132,9 +118,6 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if shutil.which("wrk"):
             with tempfile.TemporaryDirectory() as tmp:
                 results[f"http v2 binary {tag} (wrk)"] = wrk_scenario(base, args.clients, args.seconds, http, Path(tmp))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     return results
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(model: Path, *options: str) -> Iterator[str]:
+    """``fpn-serve MODEL`` on a free loopback port (with ``options``, at log level warning, without
+    a shutdown drain), until it answers ``/healthz``; yields its base URL, and stops it afterwards."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fpn_serve.cli", str(model), "--port", str(port), "--log-level", "warning", *options],
+        env={**os.environ, "FPN_SERVE_DRAIN_S": "0"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 async def scenario(base: str, clients: int, seconds: float, request: dict[str, Any]) -> dict[str, Any]:
@@ -170,29 +195,13 @@ def main() -> None:
     scenarios["v2 binary tol=1e-3"] = binary_request(x, tol=1e-3)
     scenarios = {k: v for k, v in scenarios.items() if k == "healthz" or args.only in k}
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fpn_serve.cli", str(args.model), "--port", str(port), "--log-level", "warning"],
-        env={**os.environ, "FPN_SERVE_DRAIN_S": "0"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            try:
-                if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        results = {}
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, request in scenarios.items():
-                if shutil.which("wrk"):
-                    results[name] = wrk_scenario(base, args.clients, args.seconds, request, Path(tmp))
-                else:
-                    results[name] = asyncio.run(scenario(base, args.clients, args.seconds, request))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    results = {}
+    with serving(args.model) as base, tempfile.TemporaryDirectory() as tmp:
+        for name, request in scenarios.items():
+            if shutil.which("wrk"):
+                results[name] = wrk_scenario(base, args.clients, args.seconds, request, Path(tmp))
+            else:
+                results[name] = asyncio.run(scenario(base, args.clients, args.seconds, request))
     floor = results["healthz"]["throughput_rps"]
     print(f"\n{args.clients} concurrent clients, {args.seconds:g} s each, loopback")
     print(f"{'scenario':<22} {'req/s':>8} {'of healthz':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
