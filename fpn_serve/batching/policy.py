@@ -82,13 +82,7 @@ class QueuePolicy(Generic[Item]):
         """Alone in an idle scheduler there is nothing to share a batch with: one short, plain input
         (no deadline, certified stop, trace or warm start) runs as one engine call in its caller's
         thread. Takes its room if so."""
-        alone = (
-            self.occupied == 0
-            and not self._waiting
-            and request.rows == 1
-            and request.max_iter <= ALONE_MAX_ITER
-            and request.plain
-        )
+        alone = self.occupied == 0 and not self._waiting and _short_plain_single(request)
         if alone:
             self.occupied = 1
         return alone
@@ -100,9 +94,7 @@ class QueuePolicy(Generic[Item]):
         if so."""
         fast = (
             self.occupied < self.capacity
-            and request.rows == 1
-            and request.max_iter <= ALONE_MAX_ITER
-            and request.plain
+            and _short_plain_single(request)
             and self.iterations_for(request.tol) <= FAST_LANE_ITERATIONS
         )
         if fast:
@@ -161,6 +153,12 @@ class QueuePolicy(Generic[Item]):
         chooser's measure, at the load they met (rooms held and requests waiting, or ``ready``:
         for a request run in its caller's thread, its event loop's requests since it last turned)."""
         self.chooser.answered(count, max(self.occupied + len(self._waiting), ready), now)
+
+
+def _short_plain_single(request: Prepared) -> bool:
+    """One input, at most ALONE_MAX_ITER iterations, no deadline, certified stop, trace or warm
+    start: what may run as one engine call in its caller's thread."""
+    return request.rows == 1 and request.max_iter <= ALONE_MAX_ITER and request.plain
 
 
 def expected_iterations(manifest: Manifest) -> Callable[[float], float]:

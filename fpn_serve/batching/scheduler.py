@@ -100,8 +100,9 @@ class _Workers:
         self._running = False
         self._encoding_rows = 0  # rows the encoders hold: neither waiting nor ready
         self._alone_rows = 0  # inputs running alone in their callers' threads
-        self._loop_owed = False  # a request ran alone on an event loop that has not turned since
-        self._since_turn = 0  # requests run alone on that loop since it last turned: how many were ready
+        # requests run alone on an event loop since it last turned (how many of its callers were ready);
+        # while it is not 0, a request of that loop runs alone only inline or in the fast lane
+        self._since_turn = 0
         self._last_arrival = -math.inf  # perf_counter of the latest submit
         self._threads: list[threading.Thread] = []
         self._runner = engine.new_runner(max_active)
@@ -219,9 +220,10 @@ class _Workers:
     def _iterate(self) -> None:
         n = self._runner.n
         self._counts["max_active_seen"] = max(self._counts["max_active_seen"], n)
-        k = self._runner.k if multistep(self._runner, self._active) else 1
+        several = multistep(self._runner, self._active)
+        k = self._runner.k if several else 1
         began = time.perf_counter()
-        keep, finished = advance(self._runner, self._active, self._inspect)  # k iterations
+        keep, finished = advance(self._runner, self._active, self._inspect, several)  # k iterations
         self.policy.observe_iteration((time.perf_counter() - began) / k)
         self._counts["iterations"] += k
         if keep is None:
@@ -334,7 +336,7 @@ class Scheduler(_Workers):
         shared batch at the next iteration."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ClassifyResult] = loop.create_future()
-        alone = not self._loop_owed or self.policy.inline()
+        alone = not self._since_turn or self.policy.inline()
         request = self._enqueue(self._prepare(x, tol, max_iter, options), future, loop, alone=alone, lane=True)
         if request is not None:
             future.add_done_callback(functools.partial(self._given_up, request))
@@ -402,10 +404,10 @@ class Scheduler(_Workers):
             self._active.abandon(work)
 
     def _run_alone(self, req: _Request) -> None:
-        """Answer a request that found the scheduler idle in the caller's own thread, with one
-        ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the loop and S in one ONNX Runtime
-        run): the same answer to the bit as the shared batch gives, without two thread hand-offs
-        and the per-iteration bookkeeping."""
+        """Answer a request in the caller's own thread (it found the scheduler idle, or it is inline
+        or in the fast lane), with one ``engine.run`` (for one input on the CPU, FPN1.onnx: Q, the
+        loop and S in one ONNX Runtime run): the same answer to the bit as the shared batch gives,
+        without two thread hand-offs and the per-iteration bookkeeping."""
         outcome = _outcome(self.engine, req.prepared)
         if req.loop is not None:
             self._since_turn += 1
@@ -420,10 +422,8 @@ class Scheduler(_Workers):
         if req.loop is None:
             resolve(answer)
             return
-        if not self._loop_owed:
-            self._loop_owed = True
-            req.loop.call_soon(self._loop_turned)
         if self._since_turn <= 1:  # the first since the loop turned: its caller goes on at once
+            req.loop.call_soon(self._loop_turned)
             resolve(answer)
             return
         # Later ones reach their callers after the loop has turned: callers that all got their answers
@@ -432,7 +432,6 @@ class Scheduler(_Workers):
         req.loop.call_soon(resolve, answer)  # skipped if its caller gave up meanwhile
 
     def _loop_turned(self) -> None:
-        self._loop_owed = False
         self._since_turn = 0
 
 

@@ -293,13 +293,8 @@ class Engine:
         try:
             # rows only leave a solve: one that may never run several steps per call loops as before
             several = runner.multi and active.multistep and (runner.on_device or batch >= 2)
-            most = batch if runner.on_device else MULTISTEP_ROWS
             while active.n:
-                if several and active.n <= most:
-                    keep, _ = advance(runner, active, inspect)
-                else:
-                    r, st = runner.step()
-                    keep, _ = active.advance(r, st, runner.current, inspect)
+                keep, _ = advance(runner, active, inspect, several and multistep(runner, active))
                 if keep is not None and active.n:
                     runner.keep(keep)
         finally:
@@ -384,11 +379,13 @@ def multistep(runner: StepRunner, active: ActiveSet) -> bool:
     return runner.on_device or 2 <= active.n <= MULTISTEP_ROWS
 
 
-def advance(runner: StepRunner, active: ActiveSet, inspect: Inspect | None) -> tuple[np.ndarray | None, list[Work]]:
-    """One call of the loop: k iterations through the steps graph where ``multistep`` says so, else
-    one; then the active set's stops. Returns ``ActiveSet.advance``'s (mask of rows that go on,
-    works that finished)."""
-    if multistep(runner, active):
+def advance(
+    runner: StepRunner, active: ActiveSet, inspect: Inspect | None, several: bool
+) -> tuple[np.ndarray | None, list[Work]]:
+    """One call of the loop: k iterations through the steps graph if ``several`` (what ``multistep``
+    said), else one; then the active set's stops. Returns ``ActiveSet.advance``'s (mask of rows
+    that go on, works that finished)."""
+    if several:
         r, st, iterations = runner.steps(*active.limits())
         return active.advance(r, st, runner.current, inspect, iterations)
     r, st = runner.step()

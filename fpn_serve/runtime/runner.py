@@ -171,15 +171,7 @@ class StepRunner:
                 ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self._z[:n]), "cuda", 0),
             ]
         for src in (0, 1):
-            b = self._sess.io_binding()
-            if self._cuda:
-                b.bind_ortvalue_input("u", self._dev[src])
-                b.bind_ortvalue_input("z", self._dev[2])
-                b.bind_ortvalue_output("u_next", self._dev[1 - src])
-            else:
-                b.bind_input("u", "cpu", 0, np.float32, shape, self._u[src].ctypes.data)
-                b.bind_input("z", "cpu", 0, np.float32, shape, self._z.ctypes.data)
-                b.bind_output("u_next", "cpu", 0, np.float32, shape, self._u[1 - src].ctypes.data)
+            b = self._bind_latents(self._sess, src, shape)
             if self._fused:
                 b.bind_output("residual", "cpu", 0, np.float32, (n,), self._res.ctypes.data)
                 b.bind_output("step_norm", "cpu", 0, np.float32, (n,), self._step.ctypes.data)
@@ -189,10 +181,10 @@ class StepRunner:
         if not self._cuda:
             self._cache[n] = (self._bindings, self._multi_bindings)
 
-    def _bind_multi(self, src: int, n: int, shape: tuple[int, ...]) -> Any:
-        """The steps graph's binding from buffer ``src`` to the other, for ``n`` active rows."""
-        assert self._multi is not None
-        b = self._multi.io_binding()
+    def _bind_latents(self, session: ort.InferenceSession, src: int, shape: tuple[int, ...]) -> Any:
+        """A binding of ``session`` reading ``u`` from buffer ``src`` (and ``z``), writing ``u_next``
+        into the other: on the device on CUDA, else the host buffers themselves."""
+        b = session.io_binding()
         if self._cuda:
             b.bind_ortvalue_input("u", self._dev[src])
             b.bind_ortvalue_input("z", self._dev[2])
@@ -201,6 +193,12 @@ class StepRunner:
             b.bind_input("u", "cpu", 0, np.float32, shape, self._u[src].ctypes.data)
             b.bind_input("z", "cpu", 0, np.float32, shape, self._z.ctypes.data)
             b.bind_output("u_next", "cpu", 0, np.float32, shape, self._u[1 - src].ctypes.data)
+        return b
+
+    def _bind_multi(self, src: int, n: int, shape: tuple[int, ...]) -> Any:
+        """The steps graph's binding from buffer ``src`` to the other, for ``n`` active rows."""
+        assert self._multi is not None
+        b = self._bind_latents(self._multi, src, shape)
         for name, arr in (("tol", self._tol), ("max_iter", self._max_iter), ("iterations", self._iters)):
             b.bind_input(name, "cpu", 0, arr.dtype, (n,), arr.ctypes.data)
         for name, arr in (("residual", self._res), ("step_norm", self._step), ("iterations_next", self._iters_next)):
